@@ -1,0 +1,3 @@
+//! # quiver-chaos — fault injection and drills
+//!
+//! Filled in by the fault-tolerance issue.

@@ -1,0 +1,96 @@
+//! The heat kernel `h = exp(−t (I − P)) s`, by a truncated Taylor series.
+//!
+//! `P` is the random-walk operator with dangling mass spread uniformly over all `n` vertices
+//! (the PageRank walk without teleport), `s` is uniform on the seed set. Since
+//! `exp(−t(I − P)) = e^{−t} Σ_k t^k/k! P^k`, the kernel keeps the current term and the sum:
+//!
+//! ```text
+//! term_0 = e^{−t} s                  h_0 = term_0
+//! term_k = (t/k) · (P term_{k−1} + m_{k−1}/n)     h_k = h_{k−1} + term_k
+//! ```
+//!
+//! where `m` is the [`ExactSum`] dangling mass of the term. Step `k` adds term `k`; `K` steps use
+//! the terms `0..=K`. Only the term is exchanged between partitions; `h` stays with its owner.
+//!
+//! **Arithmetic, exactly:** `term_0[v] = (e^{−t} / |S|) as f32` on seeds (computed in `f64`);
+//! `term_k[v] = ((t / k) · (row_sum(v) + m/n)) as f32` in `f64`; `h[v] += term_k[v]` in `f32`.
+//! The residual is `max_v |h_k[v] − h_{k−1}[v]|` in `f32`.
+
+use rayon::prelude::*;
+
+use super::pagerank::{Teleport, TeleportMask, dangling_mass};
+use super::pull::{ROW_CHUNK, contributions, row_sum};
+use super::superstep::{ExactSum, Globals, Kernel, Partials};
+use crate::partition::LocalGraph;
+
+/// The heat kernel started from the uniform distribution on `seeds` (sorted, unique, in range).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heat {
+    pub t: f64,
+    pub seeds: Vec<u32>,
+    pub vertices: u64,
+}
+
+impl Kernel for Heat {
+    type Prepared = TeleportMask;
+
+    fn width(&self) -> usize {
+        1
+    }
+
+    fn aux_len(&self, g: &LocalGraph) -> usize {
+        g.owned()
+    }
+
+    fn prepare(&self, g: &LocalGraph) -> TeleportMask {
+        TeleportMask::new(&Teleport::Seeds(self.seeds.clone()), g)
+    }
+
+    fn init(&self, g: &LocalGraph, mask: &TeleportMask, x: &mut [f32], aux: &mut Vec<f32>) -> Partials {
+        let w = (-self.t).exp() / self.seeds.len() as f64;
+        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = mask.at(row, w) as f32);
+        aux.clear();
+        aux.extend_from_slice(x);
+        Partials { mass: dangling_mass(g, x), residual: 0.0 }
+    }
+
+    fn step(
+        &self,
+        g: &LocalGraph,
+        _mask: &TeleportMask,
+        globals: &Globals,
+        x: &[f32],
+        next: &mut [f32],
+        h: &mut [f32],
+        contrib: &mut Vec<f32>,
+    ) -> Partials {
+        contributions(g, x, contrib);
+        let factor = self.t / globals.step as f64;
+        let spread = globals.mass / self.vertices as f64;
+        let (contrib, offsets, sources, outdeg) = (&contrib[..], g.offsets(), g.sources(), g.out_degree());
+        next.par_chunks_mut(ROW_CHUNK)
+            .zip(h.par_chunks_mut(ROW_CHUNK))
+            .enumerate()
+            .map(|(chunk, (out, h))| {
+                let mut p = Partials::default();
+                for (i, (out, h)) in out.iter_mut().zip(h).enumerate() {
+                    let row = chunk * ROW_CHUNK + i;
+                    let list = &sources[offsets[row] as usize..offsets[row + 1] as usize];
+                    let term = (factor * (row_sum(list, contrib) + spread)) as f32;
+                    *out = term;
+                    let old = *h;
+                    *h += term;
+                    p.residual = p.residual.max((*h - old).abs());
+                    if outdeg[row] == 0 {
+                        p.mass = p.mass + ExactSum::of(term);
+                    }
+                }
+                p
+            })
+            .reduce(Partials::default, Partials::combine)
+    }
+
+    fn finish(&self, _x: Vec<f32>, h: Vec<f32>) -> Vec<f32> {
+        h
+    }
+}

@@ -1,0 +1,144 @@
+//! PageRank and personalized PageRank.
+//!
+//! With damping `d`, teleport distribution `s` (uniform `1/n` for PageRank, `1/|S|` on each seed
+//! of the set `S` for personalized PageRank) and dangling mass `m_k = Σ_{outdeg(u)=0} x_k[u]`:
+//!
+//! ```text
+//! x_0     = s
+//! x_{k+1} = d · P x_k + (1 − d + d · m_k) · s
+//! ```
+//!
+//! i.e. a walker follows a random out-edge with probability `d` and otherwise jumps to `s`; a
+//! walker on a dangling vertex always jumps to `s` (for PageRank: uniformly, the usual
+//! redistribution). The total mass stays 1.
+//!
+//! **Arithmetic, exactly:** `m_k` is the [`ExactSum`] of the dangling `x_k[u]` as `f64`;
+//! `coef = (1 − d) + d · m_k` in `f64`; row `v` is `(d · row_sum(v) + coef · s[v]) as f32` with
+//! `d`, `s[v]` widened to `f64` (`s[v] = 1/n` or `1/|S|` computed in `f64`). The residual is
+//! `max_v |x_{k+1}[v] − x_k[v]|` in `f32`.
+
+use rayon::prelude::*;
+
+use super::pull::{ROW_CHUNK, contributions, row_sum};
+use super::superstep::{ExactSum, Globals, Kernel, Partials};
+use crate::partition::LocalGraph;
+
+/// Where the teleporting walker lands.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Teleport {
+    /// Uniformly on all `n` vertices.
+    Uniform { vertices: u64 },
+    /// Uniformly on a seed set (sorted, no duplicates, all below the vertex count).
+    Seeds(Vec<u32>),
+}
+
+impl Teleport {
+    fn weight(&self) -> f64 {
+        match self {
+            Teleport::Uniform { vertices } => 1.0 / *vertices as f64,
+            Teleport::Seeds(s) => 1.0 / s.len() as f64,
+        }
+    }
+}
+
+/// Per-partition teleport mask: which owned rows are seeds (`None`: all are).
+#[derive(Debug)]
+pub struct TeleportMask(Option<Vec<bool>>);
+
+impl TeleportMask {
+    pub(crate) fn new(t: &Teleport, g: &LocalGraph) -> Self {
+        match t {
+            Teleport::Uniform { .. } => Self(None),
+            Teleport::Seeds(seeds) => {
+                let mut mask = vec![false; g.owned()];
+                let r = g.owned_range();
+                for &s in seeds.iter().filter(|s| r.contains(s)) {
+                    mask[(s - r.start) as usize] = true;
+                }
+                Self(Some(mask))
+            }
+        }
+    }
+
+    /// `s[row]` given the teleport weight `w`.
+    #[inline]
+    pub(crate) fn at(&self, row: usize, w: f64) -> f64 {
+        match &self.0 {
+            None => w,
+            Some(m) if m[row] => w,
+            Some(_) => 0.0,
+        }
+    }
+}
+
+/// PageRank (uniform teleport) or personalized PageRank (seed teleport).
+#[derive(Clone, Debug, PartialEq)]
+pub struct PageRank {
+    pub damping: f64,
+    pub teleport: Teleport,
+}
+
+/// The mass on dangling owned rows of `x`.
+pub(crate) fn dangling_mass(g: &LocalGraph, x: &[f32]) -> ExactSum {
+    x.par_chunks(ROW_CHUNK)
+        .zip(g.out_degree()[..g.owned()].par_chunks(ROW_CHUNK))
+        .map(|(x, d)| {
+            x.iter().zip(d).filter(|(_, d)| **d == 0).fold(ExactSum::default(), |a, (x, _)| a + ExactSum::of(*x))
+        })
+        .reduce(ExactSum::default, |a, b| a + b)
+}
+
+impl Kernel for PageRank {
+    type Prepared = TeleportMask;
+
+    fn width(&self) -> usize {
+        1
+    }
+
+    fn prepare(&self, g: &LocalGraph) -> TeleportMask {
+        TeleportMask::new(&self.teleport, g)
+    }
+
+    fn init(&self, g: &LocalGraph, mask: &TeleportMask, x: &mut [f32], _aux: &mut Vec<f32>) -> Partials {
+        let w = self.teleport.weight();
+        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = mask.at(row, w) as f32);
+        Partials { mass: dangling_mass(g, x), residual: 0.0 }
+    }
+
+    fn step(
+        &self,
+        g: &LocalGraph,
+        mask: &TeleportMask,
+        globals: &Globals,
+        x: &[f32],
+        next: &mut [f32],
+        _aux: &mut [f32],
+        contrib: &mut Vec<f32>,
+    ) -> Partials {
+        contributions(g, x, contrib);
+        let (d, w) = (self.damping, self.teleport.weight());
+        let coef = (1.0 - d) + d * globals.mass;
+        let (contrib, offsets, sources, outdeg) = (&contrib[..], g.offsets(), g.sources(), g.out_degree());
+        next.par_chunks_mut(ROW_CHUNK)
+            .enumerate()
+            .map(|(chunk, out)| {
+                let mut p = Partials::default();
+                for (i, out) in out.iter_mut().enumerate() {
+                    let row = chunk * ROW_CHUNK + i;
+                    let list = &sources[offsets[row] as usize..offsets[row + 1] as usize];
+                    let new = (d * row_sum(list, contrib) + coef * mask.at(row, w)) as f32;
+                    *out = new;
+                    p.residual = p.residual.max((new - x[row]).abs());
+                    if outdeg[row] == 0 {
+                        p.mass = p.mass + ExactSum::of(new);
+                    }
+                }
+                p
+            })
+            .reduce(Partials::default, Partials::combine)
+    }
+
+    fn finish(&self, x: Vec<f32>, _aux: Vec<f32>) -> Vec<f32> {
+        x
+    }
+}

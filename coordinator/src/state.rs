@@ -1,0 +1,581 @@
+//! The replicated cluster state machine: members, jobs and serving capacity.
+//!
+//! This module owns the data every coordinator replica agrees on and the one function that changes
+//! it, [`ClusterState::apply`]. Applying is deterministic: the outcome depends only on the state and
+//! the command (and the log index it was committed at), never on clocks, maps with random order or
+//! the replica applying it. It must not know about Raft, storage or the network; the core feeds it
+//! committed commands in log order.
+//!
+//! Idempotency: every [`Command`] carries a [`RequestId`] (client id + sequence number). The state
+//! remembers the outcome of each client's recent requests, so a retry of a request that was in fact
+//! committed is not applied again and gets the original [`Outcome`] back (Raft dissertation §6.3).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's id: the Raft peer id, never 0.
+pub type NodeId = u64;
+
+/// A job's id: the log index of the entry that submitted it, so unique and identical on every replica.
+pub type JobId = u64;
+
+/// A partition's index within its job.
+pub type PartitionId = u32;
+
+/// A content digest (BLAKE3/SHA-256 sized) naming a graph or a result.
+pub type Digest = [u8; 32];
+
+/// How many outcomes per client are remembered for deduplicating retries.
+pub const DEDUP_WINDOW: u64 = 128;
+
+/// The client id reserved for commands the leader issues itself (autopilot, rescheduling).
+/// These are never deduplicated: the leader does not retry them, it re-derives them from the state.
+pub const INTERNAL_CLIENT: u64 = 0;
+
+/// Identifies one client request across retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RequestId {
+    /// The client (a CLI session, an agent, the gRPC front end); 0 is [`INTERNAL_CLIENT`].
+    pub client: u64,
+    /// Increases by one per new request of that client; a retry reuses it.
+    pub seq: u64,
+}
+
+impl RequestId {
+    /// An id for a command the leader issues itself.
+    pub const fn internal() -> Self {
+        RequestId { client: INTERNAL_CLIENT, seq: 0 }
+    }
+}
+
+/// What a node tells the cluster about itself when it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Raft peer id, unique in the cluster, never 0.
+    pub id: NodeId,
+    /// QUIC peer address (`host:port`).
+    pub peer_addr: String,
+    /// gRPC control-plane address (`host:port`).
+    pub control_addr: String,
+    /// Worker cores available for kernels.
+    pub cores: u32,
+    /// Memory available for partitions, in bytes.
+    pub memory_bytes: u64,
+}
+
+/// A member's Raft role as the state machine records it (kept in step with the Raft configuration
+/// by the autopilot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Votes and can lead.
+    Voter,
+    /// Receives the log but does not vote.
+    Learner,
+}
+
+/// Whether the cluster considers a member reachable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Liveness {
+    /// Heartbeats arrive in time.
+    Alive,
+    /// Missed its heartbeat deadline; its work is moved elsewhere.
+    Down,
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// What the node reported when it joined.
+    pub info: MemberInfo,
+    /// Voter or learner.
+    pub role: Role,
+    /// Alive or down.
+    pub liveness: Liveness,
+    /// Serving-path slots this node offers (concurrent small diffusions).
+    pub serving_slots: u32,
+}
+
+/// What a job computes; opaque to the coordinator except for the cost-model inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// A human name.
+    pub name: String,
+    /// The kernel (`pagerank`, `ppr`, `heat`, `appnp`) and its parameters, as the agent encodes them.
+    pub kernel: String,
+    /// Opaque kernel parameters.
+    pub params: Vec<u8>,
+    /// Iterations (or the cap when running to a tolerance).
+    pub iterations: u32,
+    /// Width of the feature vectors (1 for scalar diffusions).
+    pub feature_width: u32,
+    /// The partitions and their sizes, for the cost model.
+    pub partitions: Vec<PartitionShape>,
+}
+
+/// Size of one partition, as the partitioner reported it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionShape {
+    /// Vertices owned by the partition.
+    pub vertices: u64,
+    /// In-edges of the owned vertices.
+    pub edges: u64,
+}
+
+/// A job's lifecycle.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Recorded, waiting for an assignment.
+    Pending,
+    /// Assigned and running.
+    Running,
+    /// Finished; the result digest is recorded.
+    Completed,
+    /// Gave up, with the reason.
+    Failed(String),
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job can still change.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, JobState::Completed | JobState::Failed(_) | JobState::Cancelled)
+    }
+}
+
+/// The last checkpoint a job recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// Epoch the checkpoint was taken in.
+    pub epoch: u64,
+    /// Superstep after which the state was saved.
+    pub superstep: u64,
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Its id (the submit entry's log index).
+    pub id: JobId,
+    /// What it computes.
+    pub spec: JobSpec,
+    /// The input graph.
+    pub graph_digest: Digest,
+    /// Lifecycle.
+    pub state: JobState,
+    /// Bumped by every assignment; work from an older epoch is refused.
+    pub epoch: u64,
+    /// Partition → owner.
+    pub assignment: BTreeMap<PartitionId, NodeId>,
+    /// Last recorded checkpoint.
+    pub last_checkpoint: Option<Checkpoint>,
+    /// Result digest once completed.
+    pub result_digest: Option<Digest>,
+}
+
+/// A change to the cluster state; the payload of every normal Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// The client's request id, reused on retry.
+    pub request: RequestId,
+    /// What to do.
+    pub op: Op,
+}
+
+/// The operations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// A node joins (or re-announces itself with new addresses); it starts as a learner.
+    Join(MemberInfo),
+    /// A node leaves the cluster for good.
+    Leave { node: NodeId },
+    /// A node missed its heartbeat deadline.
+    MarkDown { node: NodeId },
+    /// A down node is heard from again.
+    MarkUp { node: NodeId },
+    /// A node's serving capacity changed.
+    SetServingSlots { node: NodeId, slots: u32 },
+    /// Record a new job.
+    Submit { spec: JobSpec, graph_digest: Digest },
+    /// Commit a (re)assignment; bumps the job's epoch. `expected_epoch` fences concurrent schedulers.
+    Assign { job: JobId, expected_epoch: u64, assignment: BTreeMap<PartitionId, NodeId> },
+    /// A job recorded a checkpoint.
+    Checkpoint { job: JobId, epoch: u64, superstep: u64 },
+    /// A job finished.
+    Complete { job: JobId, epoch: u64, result_digest: Digest },
+    /// A job failed.
+    Fail { job: JobId, epoch: u64, reason: String },
+    /// A client cancelled a job.
+    Cancel { job: JobId },
+}
+
+/// The result of applying a command, returned to the client that proposed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The command took effect.
+    Done,
+    /// A job was recorded with this id.
+    Submitted { job: JobId },
+    /// A job was (re)assigned and now runs in this epoch.
+    Assigned { job: JobId, epoch: u64 },
+    /// The command was refused; the state did not change.
+    Rejected(Rejection),
+}
+
+/// Why a command was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    /// No member with that id.
+    #[error("node {0} is not a member")]
+    UnknownNode(NodeId),
+    /// Node id 0 is reserved.
+    #[error("node id 0 is reserved")]
+    ReservedNodeId,
+    /// No job with that id.
+    #[error("job {0} does not exist")]
+    UnknownJob(JobId),
+    /// The job already finished.
+    #[error("job {0} already finished")]
+    JobFinished(JobId),
+    /// Work from an older epoch.
+    #[error("job {job}: epoch {got} is stale, current epoch is {current}")]
+    StaleEpoch { job: JobId, got: u64, current: u64 },
+    /// An assignment names a partition the job does not have or misses one.
+    #[error("job {job}: assignment must place each of its {partitions} partitions exactly once")]
+    BadAssignment { job: JobId, partitions: u32 },
+    /// An assignment places a partition on a node that is not an alive member.
+    #[error("job {job}: partition {partition} assigned to node {node}, which is not an alive member")]
+    AssignedToUnavailable { job: JobId, partition: PartitionId, node: NodeId },
+    /// The retry is older than the deduplication window, so its outcome is forgotten.
+    #[error("request {seq} of client {client} is older than the deduplication window")]
+    StaleRequest { client: u64, seq: u64 },
+}
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Members by id.
+    pub members: BTreeMap<NodeId, Member>,
+    /// Jobs by id.
+    pub jobs: BTreeMap<JobId, Job>,
+    /// Remembered outcomes per client, for idempotent retries.
+    sessions: BTreeMap<u64, Session>,
+    /// Log index of the last applied entry.
+    pub applied_index: u64,
+}
+
+/// The outcomes of one client's recent requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Session {
+    /// Highest sequence number applied.
+    highest: u64,
+    /// Outcomes of the requests in `(highest - DEDUP_WINDOW, highest]`.
+    outcomes: BTreeMap<u64, Outcome>,
+}
+
+/// The result of [`ClusterState::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyResult {
+    /// The outcome (the original one for a duplicate).
+    pub outcome: Outcome,
+    /// True when the request had already been applied and this was a retry.
+    pub duplicate: bool,
+}
+
+impl ClusterState {
+    /// A state with these initial members (bootstrap); the first `voters` ids are voters.
+    pub fn bootstrap(members: &[MemberInfo], voters: &[NodeId]) -> Self {
+        let mut state = ClusterState::default();
+        for info in members {
+            let role = if voters.contains(&info.id) { Role::Voter } else { Role::Learner };
+            state.members.insert(
+                info.id,
+                Member { info: info.clone(), role, liveness: Liveness::Alive, serving_slots: info.cores },
+            );
+        }
+        state
+    }
+
+    /// Records the Raft roles after a configuration change applied at `index`: members in
+    /// `voters` are voters, every other member a learner.
+    pub fn set_roles(&mut self, index: u64, voters: &[NodeId]) {
+        self.applied_index = self.applied_index.max(index);
+        for (id, m) in &mut self.members {
+            m.role = if voters.contains(id) { Role::Voter } else { Role::Learner };
+        }
+    }
+
+    /// Records that the entry at `index` (an empty or undecodable one) was applied.
+    pub fn skip(&mut self, index: u64) {
+        self.applied_index = self.applied_index.max(index);
+    }
+
+    /// Total serving slots of alive members.
+    pub fn serving_capacity(&self) -> u64 {
+        self.members.values().filter(|m| m.liveness == Liveness::Alive).map(|m| u64::from(m.serving_slots)).sum()
+    }
+
+    /// The alive members.
+    pub fn alive_members(&self) -> impl Iterator<Item = &Member> {
+        self.members.values().filter(|m| m.liveness == Liveness::Alive)
+    }
+
+    /// Applies a committed command at log `index`. Deterministic; never panics.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> ApplyResult {
+        self.applied_index = self.applied_index.max(index);
+        let RequestId { client, seq } = cmd.request;
+        if client != INTERNAL_CLIENT
+            && let Some(session) = self.sessions.get(&client)
+        {
+            if let Some(outcome) = session.outcomes.get(&seq) {
+                return ApplyResult { outcome: outcome.clone(), duplicate: true };
+            }
+            if seq + DEDUP_WINDOW <= session.highest {
+                let outcome = Outcome::Rejected(Rejection::StaleRequest { client, seq });
+                return ApplyResult { outcome, duplicate: true };
+            }
+        }
+        let outcome = self.apply_op(index, &cmd.op);
+        if client != INTERNAL_CLIENT {
+            let session = self.sessions.entry(client).or_default();
+            session.highest = session.highest.max(seq);
+            session.outcomes.insert(seq, outcome.clone());
+            let floor = session.highest.saturating_sub(DEDUP_WINDOW);
+            while let Some((&oldest, _)) = session.outcomes.first_key_value() {
+                if oldest > floor {
+                    break;
+                }
+                session.outcomes.remove(&oldest);
+            }
+        }
+        ApplyResult { outcome, duplicate: false }
+    }
+
+    fn apply_op(&mut self, index: u64, op: &Op) -> Outcome {
+        match self.try_apply_op(index, op) {
+            Ok(outcome) => outcome,
+            Err(rejection) => Outcome::Rejected(rejection),
+        }
+    }
+
+    fn member_mut(&mut self, node: NodeId) -> Result<&mut Member, Rejection> {
+        self.members.get_mut(&node).ok_or(Rejection::UnknownNode(node))
+    }
+
+    fn live_job_mut(&mut self, job: JobId) -> Result<&mut Job, Rejection> {
+        let j = self.jobs.get_mut(&job).ok_or(Rejection::UnknownJob(job))?;
+        if j.state.is_terminal() {
+            return Err(Rejection::JobFinished(job));
+        }
+        Ok(j)
+    }
+
+    fn try_apply_op(&mut self, index: u64, op: &Op) -> Result<Outcome, Rejection> {
+        match op {
+            Op::Join(info) => {
+                if info.id == 0 {
+                    return Err(Rejection::ReservedNodeId);
+                }
+                match self.members.get_mut(&info.id) {
+                    // A re-join (restart with new addresses) keeps role; it proves liveness.
+                    Some(m) => {
+                        m.info = info.clone();
+                        m.liveness = Liveness::Alive;
+                    }
+                    None => {
+                        let member = Member {
+                            info: info.clone(),
+                            role: Role::Learner,
+                            liveness: Liveness::Alive,
+                            serving_slots: info.cores,
+                        };
+                        self.members.insert(info.id, member);
+                    }
+                }
+                Ok(Outcome::Done)
+            }
+            Op::Leave { node } => {
+                self.members.remove(node).ok_or(Rejection::UnknownNode(*node))?;
+                self.orphan_assignments(*node);
+                Ok(Outcome::Done)
+            }
+            Op::MarkDown { node } => {
+                self.member_mut(*node)?.liveness = Liveness::Down;
+                Ok(Outcome::Done)
+            }
+            Op::MarkUp { node } => {
+                self.member_mut(*node)?.liveness = Liveness::Alive;
+                Ok(Outcome::Done)
+            }
+            Op::SetServingSlots { node, slots } => {
+                self.member_mut(*node)?.serving_slots = *slots;
+                Ok(Outcome::Done)
+            }
+            Op::Submit { spec, graph_digest } => {
+                let job = Job {
+                    id: index,
+                    spec: spec.clone(),
+                    graph_digest: *graph_digest,
+                    state: JobState::Pending,
+                    epoch: 0,
+                    assignment: BTreeMap::new(),
+                    last_checkpoint: None,
+                    result_digest: None,
+                };
+                self.jobs.insert(index, job);
+                Ok(Outcome::Submitted { job: index })
+            }
+            Op::Assign { job, expected_epoch, assignment } => {
+                let members = &self.members;
+                let j = self.jobs.get_mut(job).ok_or(Rejection::UnknownJob(*job))?;
+                if j.state.is_terminal() {
+                    return Err(Rejection::JobFinished(*job));
+                }
+                if *expected_epoch != j.epoch {
+                    return Err(Rejection::StaleEpoch { job: *job, got: *expected_epoch, current: j.epoch });
+                }
+                let partitions = j.spec.partitions.len() as u32;
+                let complete = assignment.len() == partitions as usize
+                    && assignment.keys().enumerate().all(|(i, &p)| i as u32 == p);
+                if !complete {
+                    return Err(Rejection::BadAssignment { job: *job, partitions });
+                }
+                for (&partition, &node) in assignment {
+                    let alive = members.get(&node).is_some_and(|m| m.liveness == Liveness::Alive);
+                    if !alive {
+                        return Err(Rejection::AssignedToUnavailable { job: *job, partition, node });
+                    }
+                }
+                j.epoch += 1;
+                j.assignment = assignment.clone();
+                j.state = JobState::Running;
+                Ok(Outcome::Assigned { job: *job, epoch: j.epoch })
+            }
+            Op::Checkpoint { job, epoch, superstep } => {
+                let j = self.live_job_mut(*job)?;
+                check_epoch(j, *epoch)?;
+                j.last_checkpoint = Some(Checkpoint { epoch: *epoch, superstep: *superstep });
+                Ok(Outcome::Done)
+            }
+            Op::Complete { job, epoch, result_digest } => {
+                let j = self.live_job_mut(*job)?;
+                check_epoch(j, *epoch)?;
+                j.state = JobState::Completed;
+                j.result_digest = Some(*result_digest);
+                Ok(Outcome::Done)
+            }
+            Op::Fail { job, epoch, reason } => {
+                let j = self.live_job_mut(*job)?;
+                check_epoch(j, *epoch)?;
+                j.state = JobState::Failed(reason.clone());
+                Ok(Outcome::Done)
+            }
+            Op::Cancel { job } => {
+                let j = self.live_job_mut(*job)?;
+                j.state = JobState::Cancelled;
+                Ok(Outcome::Done)
+            }
+        }
+    }
+
+    /// Partitions of running jobs owned by `node` stay recorded (the epoch fences them) but the job
+    /// needs a new assignment; nothing to do here beyond what `jobs_needing_placement` reports.
+    fn orphan_assignments(&mut self, _node: NodeId) {}
+
+    /// Running jobs with at least one partition on a member that is down or gone, and pending jobs.
+    pub fn jobs_needing_placement(&self) -> impl Iterator<Item = &Job> {
+        self.jobs.values().filter(move |j| match j.state {
+            JobState::Pending => true,
+            JobState::Running => {
+                j.assignment.values().any(|n| self.members.get(n).is_none_or(|m| m.liveness == Liveness::Down))
+            }
+            _ => false,
+        })
+    }
+}
+
+fn check_epoch(job: &Job, epoch: u64) -> Result<(), Rejection> {
+    if epoch != job.epoch {
+        return Err(Rejection::StaleEpoch { job: job.id, got: epoch, current: job.epoch });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: NodeId) -> MemberInfo {
+        MemberInfo {
+            id,
+            peer_addr: format!("10.0.0.{id}:7400"),
+            control_addr: format!("10.0.0.{id}:7401"),
+            cores: 4,
+            memory_bytes: 1 << 30,
+        }
+    }
+
+    fn cmd(client: u64, seq: u64, op: Op) -> Command {
+        Command { request: RequestId { client, seq }, op }
+    }
+
+    fn spec(partitions: usize) -> JobSpec {
+        JobSpec {
+            name: "pr".into(),
+            kernel: "pagerank".into(),
+            params: vec![],
+            iterations: 10,
+            feature_width: 1,
+            partitions: vec![PartitionShape { vertices: 10, edges: 100 }; partitions],
+        }
+    }
+
+    #[test]
+    fn retried_submit_returns_the_original_job_and_is_not_applied_twice() {
+        let mut s = ClusterState::bootstrap(&[info(1)], &[1]);
+        let submit = cmd(7, 1, Op::Submit { spec: spec(2), graph_digest: [1; 32] });
+        let first = s.apply(10, &submit);
+        assert_eq!(first, ApplyResult { outcome: Outcome::Submitted { job: 10 }, duplicate: false });
+        let retry = s.apply(12, &submit);
+        assert_eq!(retry, ApplyResult { outcome: Outcome::Submitted { job: 10 }, duplicate: true });
+        assert_eq!(s.jobs.len(), 1);
+    }
+
+    #[test]
+    fn stale_epoch_work_is_refused() {
+        let mut s = ClusterState::bootstrap(&[info(1), info(2)], &[1, 2]);
+        s.apply(3, &cmd(1, 1, Op::Submit { spec: spec(2), graph_digest: [0; 32] }));
+        let assignment: BTreeMap<_, _> = [(0, 1), (1, 2)].into();
+        let out = s.apply(4, &cmd(1, 2, Op::Assign { job: 3, expected_epoch: 0, assignment: assignment.clone() }));
+        assert_eq!(out.outcome, Outcome::Assigned { job: 3, epoch: 1 });
+        let again = s.apply(5, &cmd(1, 3, Op::Assign { job: 3, expected_epoch: 1, assignment }));
+        assert_eq!(again.outcome, Outcome::Assigned { job: 3, epoch: 2 });
+        let stale = s.apply(6, &cmd(2, 1, Op::Checkpoint { job: 3, epoch: 1, superstep: 4 }));
+        assert_eq!(stale.outcome, Outcome::Rejected(Rejection::StaleEpoch { job: 3, got: 1, current: 2 }));
+    }
+
+    #[test]
+    fn assignment_must_cover_every_partition_on_alive_nodes() {
+        let mut s = ClusterState::bootstrap(&[info(1), info(2)], &[1, 2]);
+        s.apply(3, &cmd(1, 1, Op::Submit { spec: spec(2), graph_digest: [0; 32] }));
+        s.apply(4, &cmd(1, 2, Op::MarkDown { node: 2 }));
+        let partial = s.apply(5, &cmd(1, 3, Op::Assign { job: 3, expected_epoch: 0, assignment: [(0, 1)].into() }));
+        assert_eq!(partial.outcome, Outcome::Rejected(Rejection::BadAssignment { job: 3, partitions: 2 }));
+        let down =
+            s.apply(6, &cmd(1, 4, Op::Assign { job: 3, expected_epoch: 0, assignment: [(0, 1), (1, 2)].into() }));
+        assert_eq!(down.outcome, Outcome::Rejected(Rejection::AssignedToUnavailable { job: 3, partition: 1, node: 2 }));
+        assert_eq!(s.jobs_needing_placement().count(), 1);
+    }
+
+    #[test]
+    fn dedup_window_forgets_old_requests_deterministically() {
+        let mut s = ClusterState::default();
+        for seq in 1..=DEDUP_WINDOW + 5 {
+            s.apply(seq, &cmd(9, seq, Op::Join(info(seq))));
+        }
+        let old = s.apply(500, &cmd(9, 1, Op::Join(info(1))));
+        assert!(old.duplicate);
+        assert_eq!(old.outcome, Outcome::Rejected(Rejection::StaleRequest { client: 9, seq: 1 }));
+    }
+}

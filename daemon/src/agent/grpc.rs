@@ -1,0 +1,423 @@
+//! The gRPC control plane (default port 7401): `Cluster` and the control half of `Jobs`, plus
+//! `grpc.health.v1` and server reflection.
+//!
+//! TLS with the node's certificate; callers must present a certificate from the cluster CA
+//! (client or node). Reads are answered from this node's published [`View`]; writes go through
+//! Raft ([`peer::propose`]: locally on the leader, forwarded over QUIC otherwise). Handlers never
+//! touch the coordinator core.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use prost::Message as _;
+use quiver_coordinator::state::{Job as CoreJob, JobSpec as CoreSpec, JobState as CoreJobState, Liveness, Role};
+use quiver_coordinator::{Command, MemberInfo, Op, Outcome, RequestId};
+use quiver_node_agent::transport::tls::{CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE, node_id_of};
+use quiver_proto::control::cluster_server::{Cluster, ClusterServer};
+use quiver_proto::control::jobs_server::{Jobs, JobsServer};
+use quiver_proto::control::{
+    CancelJobRequest, CancelJobResponse, FetchResultRequest, GetJobRequest, Job, JobProgress, JobSpec, JobState,
+    JoinRequest, JoinResponse, Kernel, LeaveRequest, LeaveResponse, ListJobsRequest, ListJobsResponse, Member,
+    MemberRole, MembersRequest, MembersResponse, PromoteRequest, PromoteResponse, ResultChunk, StatusRequest,
+    StatusResponse, SubmitRequest, SubmitResponse, WatchJobRequest, submit_request,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::names::decode_control_addr;
+use super::peer::{self, ProposeFailure};
+use super::{Shared, View};
+
+/// Largest single gRPC message accepted (graph uploads come in chunks below this).
+pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+/// Largest graph a `Submit` may upload.
+pub const MAX_GRAPH_BYTES: u64 = 1 << 30;
+/// How long a write may wait for a leader.
+const WRITE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Builds the server (TLS, services, limits) and returns the future that serves until `stop`.
+pub fn serve(
+    shared: Shared,
+    tls_dir: &Path,
+    listener: TcpListener,
+    stop: oneshot::Receiver<()>,
+) -> Result<impl Future<Output = ()> + use<>> {
+    let read = |name: &str| {
+        let p = tls_dir.join(name);
+        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
+    };
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(NODE_CERT_FILE)?, read(NODE_KEY_FILE)?))
+        .client_ca_root(Certificate::from_pem(read(CA_CERT_FILE)?));
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let cluster = ClusterServer::new(ClusterSvc { shared: shared.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 << 20);
+    let jobs = JobsServer::new(JobsSvc { shared })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(64 << 20);
+    let router = Server::builder()
+        .tls_config(tls)
+        .context("configuring gRPC TLS")?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(cluster)
+        .add_service(jobs);
+    Ok(async move {
+        health.set_serving::<ClusterServer<ClusterSvc>>().await;
+        health.set_serving::<JobsServer<JobsSvc>>().await;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop.await;
+            })
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    })
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+fn unavailable(e: ProposeFailure) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn view(shared: &Shared) -> std::sync::Arc<View> {
+    shared.view.borrow().clone()
+}
+
+struct ClusterSvc {
+    shared: Shared,
+}
+
+#[tonic::async_trait]
+impl Cluster for ClusterSvc {
+    async fn members(&self, _: Request<MembersRequest>) -> Result<Response<MembersResponse>, Status> {
+        let v = view(&self.shared);
+        let members = v
+            .state
+            .members
+            .values()
+            .map(|m| {
+                let (rpc_addr, name) = decode_control_addr(m.info.id, &m.info.control_addr);
+                Member {
+                    node_id: m.info.id,
+                    peer_addr: m.info.peer_addr.clone(),
+                    rpc_addr,
+                    cores: m.info.cores,
+                    memory_bytes: m.info.memory_bytes,
+                    role: match m.role {
+                        Role::Voter => MemberRole::Voter,
+                        Role::Learner => MemberRole::Learner,
+                    } as i32,
+                    liveness: match m.liveness {
+                        Liveness::Alive => quiver_proto::control::Liveness::Alive,
+                        Liveness::Down => quiver_proto::control::Liveness::Down,
+                    } as i32,
+                    leader: m.info.id == v.status.leader,
+                    name,
+                }
+            })
+            .collect();
+        Ok(Response::new(MembersResponse { members }))
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let v = view(&self.shared);
+        let leader = v.state.members.get(&v.status.leader);
+        let (leader_rpc_addr, leader_name) =
+            leader.map(|m| decode_control_addr(m.info.id, &m.info.control_addr)).unwrap_or_default();
+        Ok(Response::new(StatusResponse {
+            node_id: v.node_id,
+            leader_id: v.status.leader,
+            leader_rpc_addr,
+            term: v.status.term,
+            commit_index: v.status.commit,
+            members: v.state.members.len() as u32,
+            running_jobs: v.state.jobs.values().filter(|j| j.state == CoreJobState::Running).count() as u32,
+            version: env!("CARGO_PKG_VERSION").into(),
+            node_name: v.node_name.clone(),
+            leader_name,
+            ready: v.ready,
+        }))
+    }
+
+    async fn join(&self, req: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        // The joining node is whoever the caller's certificate names; a client certificate
+        // cannot join.
+        let id = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|c| node_id_of(c).ok()))
+            .ok_or_else(|| Status::permission_denied("join: the caller must present a node certificate"))?;
+        let r = req.into_inner();
+        if r.peer_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("peer_addr", format!("{:?} is not a host:port address", r.peer_addr)));
+        }
+        let info = MemberInfo {
+            id: id.0,
+            peer_addr: r.peer_addr,
+            control_addr: r.rpc_addr,
+            cores: r.cores,
+            memory_bytes: r.memory_bytes,
+        };
+        let cmd = Command { request: RequestId { client: id.0, seq: now_micros() }, op: Op::Join(info) };
+        match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
+            Outcome::Rejected(r) => Err(Status::failed_precondition(format!("join: {r}"))),
+            _ => Ok(Response::new(JoinResponse { node_id: id.0, ..Default::default() })),
+        }
+    }
+
+    async fn leave(&self, req: Request<LeaveRequest>) -> Result<Response<LeaveResponse>, Status> {
+        let node = req.into_inner().node_id;
+        if !view(&self.shared).state.members.contains_key(&node) {
+            return Err(Status::not_found(format!("node {node} is not a member")));
+        }
+        let cmd = Command { request: RequestId { client: random_client(), seq: 1 }, op: Op::Leave { node } };
+        match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
+            Outcome::Rejected(r) => Err(Status::failed_precondition(format!("leave: {r}"))),
+            _ => Ok(Response::new(LeaveResponse {})),
+        }
+    }
+
+    async fn promote(&self, _: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
+        Err(Status::unimplemented("promote: voters are chosen by the autopilot; manual promotion is not supported"))
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64)
+}
+
+/// A client id for a request whose caller gave none (not idempotent across the caller's retries).
+fn random_client() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    u64::from_le_bytes(b).max(1)
+}
+
+struct JobsSvc {
+    shared: Shared,
+}
+
+type BoxStream<T> = Pin<Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+/// The kernel's name as the coordinator records it, or why the spec is refused.
+fn validate(spec: &JobSpec) -> Result<&'static str, Status> {
+    let p = spec.params.as_ref().ok_or_else(|| invalid("params", "missing: the job needs an algorithm"))?;
+    let kernel = match Kernel::try_from(p.kernel) {
+        Ok(Kernel::Pagerank) => "pagerank",
+        Ok(Kernel::PersonalizedPagerank) => "ppr",
+        Ok(Kernel::Heat) => "heat",
+        Ok(Kernel::Appnp) => "appnp",
+        _ => {
+            return Err(invalid(
+                "params.kernel",
+                format!("unknown algorithm {}; expected pagerank, ppr, heat or appnp", p.kernel),
+            ));
+        }
+    };
+    if p.max_iterations == 0 {
+        return Err(invalid("params.max_iterations", "must be at least 1"));
+    }
+    if !(p.tolerance.is_finite() && p.tolerance >= 0.0) {
+        return Err(invalid("params.tolerance", format!("{} is not a non-negative number", p.tolerance)));
+    }
+    if !(p.alpha.is_finite() && (0.0..=1.0).contains(&p.alpha)) {
+        return Err(invalid("params.alpha", format!("{} is outside [0, 1]", p.alpha)));
+    }
+    if matches!(kernel, "ppr" | "heat") && p.seeds.is_empty() {
+        return Err(invalid("params.seeds", format!("{kernel} needs at least one seed vertex")));
+    }
+    if kernel == "appnp" && p.width == 0 {
+        return Err(invalid("params.width", "appnp needs a feature width of at least 1"));
+    }
+    Ok(kernel)
+}
+
+fn job_to_proto(j: &CoreJob) -> Job {
+    let spec = JobSpec::decode(&j.spec.params[..]).ok();
+    let (state, error) = match &j.state {
+        // No executor runs jobs yet: a placed job is still waiting to run, so it stays queued.
+        CoreJobState::Pending | CoreJobState::Running => (JobState::Pending, String::new()),
+        CoreJobState::Completed => (JobState::Succeeded, String::new()),
+        CoreJobState::Failed(reason) => (JobState::Failed, reason.clone()),
+        CoreJobState::Cancelled => (JobState::Cancelled, String::new()),
+    };
+    Job {
+        job_id: j.id,
+        spec,
+        state: state as i32,
+        epoch: j.epoch,
+        superstep: j.last_checkpoint.as_ref().map_or(0, |c| c.superstep),
+        residual: 0.0,
+        graph_digest: j.graph_digest.to_vec(),
+        result_digest: j.result_digest.map(|d| d.to_vec()).unwrap_or_default(),
+        error,
+    }
+}
+
+#[tonic::async_trait]
+impl Jobs for JobsSvc {
+    async fn submit(&self, req: Request<Streaming<SubmitRequest>>) -> Result<Response<SubmitResponse>, Status> {
+        let mut stream = req.into_inner();
+        let mut spec = match stream.message().await? {
+            Some(SubmitRequest { body: Some(submit_request::Body::Spec(s)) }) => s,
+            _ => return Err(invalid("spec", "missing: the first message of a submit must carry the job spec")),
+        };
+        let kernel = validate(&spec)?;
+        let blobs = self.shared.data_dir.join("blobs");
+        tokio::fs::create_dir_all(&blobs)
+            .await
+            .map_err(|e| Status::internal(format!("creating {}: {e}", blobs.display())))?;
+        let part = blobs.join(format!("upload-{:016x}.part", random_client()));
+        let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut total = 0u64;
+        let mut file = None;
+        let upload = async {
+            while let Some(m) = stream.message().await? {
+                match m.body {
+                    Some(submit_request::Body::GraphChunk(b)) => {
+                        total += b.len() as u64;
+                        if total > MAX_GRAPH_BYTES {
+                            return Err(Status::resource_exhausted(format!(
+                                "graph_chunk: the graph exceeds the {MAX_GRAPH_BYTES}-byte upload limit"
+                            )));
+                        }
+                        digest.update(&b);
+                        if file.is_none() {
+                            file = Some(
+                                tokio::fs::File::create(&part)
+                                    .await
+                                    .map_err(|e| Status::internal(format!("creating {}: {e}", part.display())))?,
+                            );
+                        }
+                        if let Some(f) = file.as_mut() {
+                            f.write_all(&b)
+                                .await
+                                .map_err(|e| Status::internal(format!("writing {}: {e}", part.display())))?;
+                        }
+                    }
+                    Some(submit_request::Body::Spec(_)) => return Err(invalid("spec", "sent twice in one submit")),
+                    None => {}
+                }
+            }
+            Ok(())
+        };
+        let uploaded = upload.await;
+        if let Some(mut f) = file.take() {
+            let _ = f.flush().await;
+        }
+        if let Err(e) = uploaded {
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(e);
+        }
+        if total == 0 {
+            let _ = tokio::fs::remove_file(&part).await;
+            if spec.graph_path.is_empty() {
+                return Err(invalid("graph", "missing: upload the graph (quiver submit GRAPH) or set graph_path"));
+            }
+            let bytes = tokio::fs::read(&spec.graph_path)
+                .await
+                .map_err(|e| invalid("graph_path", format!("{}: not readable on this node: {e}", spec.graph_path)))?;
+            if bytes.is_empty() {
+                return Err(invalid("graph_path", format!("{}: the file is empty", spec.graph_path)));
+            }
+            digest.update(&bytes);
+        }
+        let digest: [u8; 32] = digest.finish().as_ref().try_into().map_err(|_| Status::internal("digest length"))?;
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        if total > 0 {
+            let blob = blobs.join(&hex);
+            tokio::fs::rename(&part, &blob)
+                .await
+                .map_err(|e| Status::internal(format!("storing {}: {e}", blob.display())))?;
+            spec.graph_path = blob.display().to_string();
+        }
+        let params = spec.params.clone().unwrap_or_default();
+        let request = RequestId {
+            client: if spec.client_id == 0 { random_client() } else { spec.client_id },
+            seq: spec.client_seq.max(1),
+        };
+        let core_spec = CoreSpec {
+            name: if spec.name.is_empty() { kernel.to_string() } else { spec.name.clone() },
+            kernel: kernel.to_string(),
+            params: spec.encode_to_vec(),
+            iterations: params.max_iterations,
+            feature_width: params.width.max(1),
+            partitions: vec![],
+        };
+        let cmd = Command { request, op: Op::Submit { spec: core_spec, graph_digest: digest } };
+        match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
+            Outcome::Submitted { job } => {
+                metrics::counter!("quiver_jobs_submitted_total").increment(1);
+                Ok(Response::new(SubmitResponse { job_id: job }))
+            }
+            Outcome::Rejected(r) => Err(Status::failed_precondition(format!("submit: {r}"))),
+            other => Err(Status::internal(format!("submit: unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn get(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = req.into_inner().job_id;
+        let v = view(&self.shared);
+        v.state
+            .jobs
+            .get(&id)
+            .map(|j| Response::new(job_to_proto(j)))
+            .ok_or_else(|| Status::not_found(format!("job {id} does not exist")))
+    }
+
+    async fn list(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        let v = view(&self.shared);
+        Ok(Response::new(ListJobsResponse { jobs: v.state.jobs.values().map(job_to_proto).collect() }))
+    }
+
+    type WatchStream = BoxStream<JobProgress>;
+
+    async fn watch(&self, _: Request<WatchJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        Err(Status::unimplemented("watch: jobs do not run yet (the executor comes with the next release)"))
+    }
+
+    async fn cancel(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
+        let job = req.into_inner().job_id;
+        if !view(&self.shared).state.jobs.contains_key(&job) {
+            return Err(Status::not_found(format!("job {job} does not exist")));
+        }
+        let cmd = Command { request: RequestId { client: random_client(), seq: 1 }, op: Op::Cancel { job } };
+        match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
+            Outcome::Rejected(quiver_coordinator::state::Rejection::UnknownJob(_)) => {
+                Err(Status::not_found(format!("job {job} does not exist")))
+            }
+            Outcome::Rejected(r) => Err(Status::failed_precondition(format!("cancel: {r}"))),
+            _ => Ok(Response::new(CancelJobResponse {})),
+        }
+    }
+
+    type FetchResultStream = BoxStream<ResultChunk>;
+
+    async fn fetch_result(
+        &self,
+        req: Request<FetchResultRequest>,
+    ) -> Result<Response<Self::FetchResultStream>, Status> {
+        let id = req.into_inner().job_id;
+        if !view(&self.shared).state.jobs.contains_key(&id) {
+            return Err(Status::not_found(format!("job {id} does not exist")));
+        }
+        Err(Status::failed_precondition(format!("job {id} has no result: jobs do not run yet")))
+    }
+}

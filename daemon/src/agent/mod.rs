@@ -1,0 +1,247 @@
+//! `quiver agent`: the daemon. Start-up wires the pieces together in this order: config →
+//! logging → metrics recorder → node identity → QUIC transport → Raft log in `DATA_DIR/raft` →
+//! coordinator core → HTTP and gRPC servers → (join) → the event loop.
+//!
+//! Architecture invariant: the [`CoordinatorCore`] is owned by the event loop ([`event_loop`])
+//! and touched nowhere else. Every other task (peer stream readers, gRPC handlers, the joiner)
+//! talks to it through one channel of [`Event`]s and reads the cluster through a published
+//! [`View`].
+//!
+//! - [`event_loop`]: `enum Event`, the loop, how `Effects` are carried out.
+//! - [`peer`]: Raft batches and control requests over the QUIC transport, seed discovery.
+//! - [`grpc`]: the `Cluster` and `Jobs` services, health and reflection.
+//! - [`names`]: how a member's name travels in the replicated state.
+
+mod event_loop;
+pub mod grpc;
+pub mod names;
+mod peer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use quiver_coordinator::{
+    BootstrapError, CoordinatorCore, CoreConfig, DiskStore, DiskStoreConfig, LogStore, MemberInfo, bootstrap,
+};
+use quiver_node_agent::transport::{NodeIdentity, Transport, TransportConfig};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::{AgentArgs, AgentConfig, LogFormat, Membership};
+use crate::http::{self, Health};
+use crate::tls::node_id_for;
+
+pub use event_loop::{Event, ProposeReply, View};
+
+/// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
+pub fn main(args: AgentArgs) -> Result<()> {
+    let cfg = args.resolve()?;
+    init_logging(cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("quiver-agent")
+        .build()
+        .context("starting the async runtime")?;
+    let result = rt.block_on(run(cfg));
+    // Connections and servers are closed by now; do not wait for stray tasks.
+    rt.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("QUIVER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn init_metrics() -> Result<PrometheusHandle> {
+    let latency = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
+        .context("configuring metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")
+}
+
+/// Everything the non-loop tasks share: how to reach the loop, the latest view, the transport.
+#[derive(Clone)]
+pub struct Shared {
+    pub node_id: u64,
+    pub events: mpsc::Sender<Event>,
+    pub view: watch::Receiver<Arc<View>>,
+    pub transport: Transport,
+    pub data_dir: std::path::PathBuf,
+}
+
+async fn run(cfg: AgentConfig) -> Result<()> {
+    let metrics = init_metrics()?;
+    if !cfg.tls_dir.join(quiver_node_agent::transport::tls::NODE_CERT_FILE).exists()
+        && cfg.tls_dir.join(crate::tls::CLIENT_CERT_FILE).exists()
+    {
+        bail!(
+            "{} holds a client certificate, not a node certificate (QUIVER_TLS_DIR is read by the CLI too); \
+             pass the node's directory with --tls-dir",
+            cfg.tls_dir.display()
+        );
+    }
+    let identity = NodeIdentity::load_dir(&cfg.tls_dir).with_context(|| {
+        format!(
+            "loading the node identity from {} (make one with `quiver tls cert create --ca CA_DIR --name {} --out {}`)",
+            cfg.tls_dir.display(),
+            cfg.node_name,
+            cfg.tls_dir.display()
+        )
+    })?;
+    let node_id = node_id_for(&cfg.node_name);
+    if identity.node_id.0 != node_id {
+        bail!(
+            "{}: the certificate is for node id {}, but --node-name {} is node id {node_id}; make the certificate with --name {}",
+            cfg.tls_dir.display(),
+            identity.node_id.0,
+            cfg.node_name,
+            cfg.node_name
+        );
+    }
+    let transport_cfg = TransportConfig { bind: cfg.peer_addr, ..TransportConfig::default() };
+    let (transport, handles) = Transport::bind(transport_cfg, &identity).context("binding the peer (QUIC) port")?;
+    let peer_local = transport.local_addr();
+
+    let raft_dir = cfg.data_dir.join("raft");
+    let store = DiskStore::open(&DiskStoreConfig::new(&raft_dir))
+        .with_context(|| format!("opening the raft log in {}", raft_dir.display()))?;
+    let initialized =
+        quiver_coordinator::raft::Storage::initial_state(&store).map(|s| s.initialized()).unwrap_or(false);
+
+    let health = Arc::new(Health::default());
+    health.set_ready(false, "starting");
+    let (http_local, http_server) = http::bind(cfg.http_addr, health.clone(), metrics)
+        .await
+        .with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
+    let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {}", cfg.grpc_addr))?;
+    let grpc_local = grpc_listener.local_addr()?;
+    let advertise_grpc = if grpc_local.ip().is_unspecified() {
+        std::net::SocketAddr::new(cfg.advertise_addr.ip(), grpc_local.port())
+    } else {
+        grpc_local
+    };
+    let advertise_peer = if cfg.advertise_addr.port() == 0 { peer_local } else { cfg.advertise_addr };
+    let me = MemberInfo {
+        id: node_id,
+        peer_addr: advertise_peer.to_string(),
+        control_addr: names::encode_control_addr(&advertise_grpc.to_string(), &cfg.node_name),
+        cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        memory_bytes: memory_bytes(),
+    };
+
+    let mut join_seeds = None;
+    match (&cfg.membership, initialized) {
+        (Membership::Bootstrap { expect: 1 }, false) => match bootstrap(&store, std::slice::from_ref(&me)) {
+            Ok(()) => tracing::info!(node = %cfg.node_name, node_id, "bootstrapped a new single-node cluster"),
+            Err(BootstrapError::AlreadyInitialized) => {}
+            Err(e) => return Err(e).context("bootstrapping"),
+        },
+        (Membership::Bootstrap { expect }, false) => bail!(
+            "--bootstrap-expect {expect}: only single-node bootstrap is supported so far; start one agent with --bootstrap and --join the others to it"
+        ),
+        (Membership::Join { seeds }, false) => join_seeds = Some(seeds.clone()),
+        (Membership::Restart, false) => bail!(
+            "{} holds no cluster: start with --bootstrap (a new cluster) or --join SEED (an existing one)",
+            raft_dir.display()
+        ),
+        (mode, true) => {
+            if *mode != Membership::Restart {
+                tracing::info!(
+                    ?mode,
+                    "the raft log already holds a cluster; resuming it and ignoring the membership flags"
+                );
+            }
+        }
+    }
+
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let core =
+        CoordinatorCore::open(CoreConfig::new(node_id), store.clone(), &logger).context("opening the coordinator")?;
+    let (events_tx, events_rx) = mpsc::channel(4096);
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::empty(node_id, &cfg.node_name)));
+    let shared = Shared {
+        node_id,
+        events: events_tx.clone(),
+        view: view_rx,
+        transport: transport.clone(),
+        data_dir: cfg.data_dir.clone(),
+    };
+
+    peer::spawn_inbound(shared.clone(), handles);
+    tokio::spawn(async move {
+        if let Err(e) = http_server.await {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+    let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc_task = tokio::spawn(grpc::serve(shared.clone(), &cfg.tls_dir, grpc_listener, grpc_stop_rx)?);
+    spawn_signals(events_tx.clone());
+    if let Some(seeds) = join_seeds {
+        let shared = shared.clone();
+        let me = me.clone();
+        let timeout = cfg.join_timeout;
+        let identity = identity.clone();
+        tokio::spawn(async move {
+            if let Err(e) = peer::join(&shared, &identity, &seeds, me, timeout).await {
+                let _ = shared.events.send(Event::Fatal(format!("{e:#}"))).await;
+            }
+        });
+    }
+    tracing::info!(
+        node = %cfg.node_name, node_id, peer = %peer_local, grpc = %grpc_local, http = %http_local,
+        data_dir = %cfg.data_dir.display(), "agent started"
+    );
+
+    let loop_result =
+        event_loop::EventLoop::new(core, store, transport.clone(), health, view_tx, me).run(events_rx).await;
+    let _ = grpc_stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(2), grpc_task).await;
+    transport.shutdown().await;
+    loop_result
+}
+
+fn spawn_signals(events: mpsc::Sender<Event>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers; SIGTERM will not shut down gracefully");
+            return;
+        };
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = name, "shutting down");
+        let _ = events.send(Event::Shutdown).await;
+    });
+}
+
+/// Physical memory from `/proc/meminfo` (0 when unknown).
+fn memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Compile-time check that the store type the loop uses is a [`LogStore`].
+const _: fn() = || {
+    fn is_store<S: LogStore>() {}
+    is_store::<DiskStore>();
+};

@@ -1,0 +1,92 @@
+//! `quiver`: the agent daemon and the operator CLI, one binary like `nomad` or `consul`.
+//!
+//! `main` only parses the command line and dispatches; each subcommand lives in its own module.
+
+mod agent;
+mod bench;
+mod client;
+mod config;
+mod demo;
+mod graph;
+mod http;
+mod run;
+mod sys;
+mod tls;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Quiver: a QUIC-native distributed mesh for graph diffusion.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about)]
+enum Cli {
+    /// Generate, convert and describe graph files.
+    #[command(subcommand)]
+    Graph(graph::GraphCmd),
+    /// Show Quiver end to end on a generated graph, with nothing to set up.
+    Demo(demo::DemoArgs),
+    /// Run one diffusion in this process (no cluster): the single-machine baseline.
+    Run(run::RunArgs),
+    /// Benchmarks: each prints a human summary, or one JSON object on the last line with --json.
+    #[command(subcommand)]
+    Bench(bench::Bench),
+    /// Run the agent daemon (one per host).
+    Agent(config::AgentArgs),
+    /// Certificates: the cluster CA, node and client certificates.
+    #[command(subcommand)]
+    Tls(tls::TlsCmd),
+    /// List the cluster's members.
+    Members(client::Conn),
+    /// Show this node's view of the cluster (leader, term, readiness).
+    Status(client::Conn),
+    /// Submit a diffusion job (it stays queued until the executor lands).
+    Submit(client::SubmitArgs),
+    /// Inspect and cancel jobs.
+    #[command(subcommand)]
+    Job(client::JobCmd),
+    /// Remove a member from the cluster.
+    Leave(client::LeaveArgs),
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli {
+        Cli::Graph(g) => graph::run(g),
+        Cli::Run(r) => run::run(r),
+        Cli::Demo(d) => demo::run(d),
+        Cli::Bench(b) => bench::run(b),
+        Cli::Agent(a) => agent::main(a),
+        Cli::Tls(t) => tls::run(t),
+        Cli::Members(c) => client::members(c),
+        Cli::Status(c) => client::status(c),
+        Cli::Submit(s) => client::submit(s),
+        Cli::Job(j) => client::job(j),
+        Cli::Leave(l) => client::leave(l),
+    }
+}
+
+/// One line naming what failed and why, then its causes (skipping a cause whose text the line
+/// already ends with, as errors that embed their source do); no backtrace for user errors.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}

@@ -1,0 +1,118 @@
+//! Every transport setting in one struct, with its default and the reason for it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, VarInt};
+
+use super::codec::Limits;
+
+/// Default UDP port of the peer endpoint.
+pub const DEFAULT_PEER_PORT: u16 = 7400;
+
+/// Transport settings. `Default` gives the documented values; the daemon fills this from its config.
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    /// Local UDP address. Default `0.0.0.0:7400`.
+    pub bind: SocketAddr,
+    /// Per-stream receive window: how much one stream may have in flight before the receiver reads.
+    /// Default 16 MiB (quinn: 1.25 MB, sized for 100 Mbit/s × 100 ms). Bulk throughput on a link is
+    /// bounded by window / RTT; 16 MiB keeps a 10 Gbit/s link busy up to ~13 ms RTT. Kept below
+    /// `send_window` so one bulk stream can never use all of it and control traffic always has room.
+    pub stream_receive_window: u32,
+    /// Per-connection receive window across all streams. Default 64 MiB (quinn: unlimited). With the
+    /// stream window this bounds the memory a peer can make us buffer for one connection.
+    pub receive_window: u64,
+    /// Per-connection send window: unacknowledged data we hold for a peer. Default 64 MiB
+    /// (quinn: 8 × stream window). Bounds send-side buffering; writers wait (back-pressure) beyond it.
+    pub send_window: u64,
+    /// Concurrent bidirectional streams a peer may open. Default 256 (control, heartbeat, serving).
+    pub max_concurrent_bidi_streams: u32,
+    /// Concurrent unidirectional streams a peer may open. Default 256 (raft batches, partitions, halos).
+    pub max_concurrent_uni_streams: u32,
+    /// QUIC keep-alive for idle connections. Default 2 s.
+    pub keep_alive_interval: Duration,
+    /// A connection silent this long is dead. Default 10 s.
+    pub idle_timeout: Duration,
+    /// Give up on a handshake after this long. Default 5 s.
+    pub handshake_timeout: Duration,
+    /// A stream whose header has not arrived after this long is stopped. Default 10 s.
+    pub stream_header_timeout: Duration,
+    /// Initial UDP payload size. Default 1200 (quinn's); quinn's path MTU discovery raises it.
+    /// Above 1472 also raise `max_udp_payload_size`, or the handshake hangs (DESIGN.md).
+    pub initial_mtu: u16,
+    /// Largest UDP payload we accept. Default 1472 (a 1500-byte Ethernet MTU).
+    pub max_udp_payload_size: u16,
+    /// UDP segmentation offload. Default on: throughput falls about 3× without it.
+    pub segmentation_offload: bool,
+    /// Reconnect backoff: first delay. Default 100 ms.
+    pub reconnect_base: Duration,
+    /// Reconnect backoff: largest delay. Default 5 s.
+    pub reconnect_max: Duration,
+    /// How often each connection reports its RTT as an event. Default 1 s.
+    pub rtt_report_interval: Duration,
+    /// Bounds on peer-supplied lengths and counts.
+    pub limits: Limits,
+    /// Frame payload bytes one connection may have allocated but not yet fully received, summed
+    /// over its streams. Default 4 GiB. A receiver waits (the sender sees flow control) beyond it.
+    pub max_receiving_bytes_per_connection: u64,
+    /// Capacity of the inbound-stream and event channels. Default 1024.
+    pub channel_capacity: usize,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            bind: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PEER_PORT)),
+            stream_receive_window: 16 << 20,
+            receive_window: 64 << 20,
+            send_window: 64 << 20,
+            max_concurrent_bidi_streams: 256,
+            max_concurrent_uni_streams: 256,
+            keep_alive_interval: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            stream_header_timeout: Duration::from_secs(10),
+            initial_mtu: 1200,
+            max_udp_payload_size: 1472,
+            segmentation_offload: true,
+            reconnect_base: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            rtt_report_interval: Duration::from_secs(1),
+            limits: Limits::default(),
+            max_receiving_bytes_per_connection: 4 << 30,
+            channel_capacity: 1024,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Defaults bound to `127.0.0.1` on an ephemeral port (tests, benchmarks).
+    pub fn loopback() -> Self {
+        Self { bind: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), ..Self::default() }
+    }
+
+    /// The quinn transport parameters these settings imply.
+    pub fn quinn_transport(&self) -> Arc<quinn::TransportConfig> {
+        let mut t = quinn::TransportConfig::default();
+        t.stream_receive_window(VarInt::from_u32(self.stream_receive_window))
+            .receive_window(VarInt::from_u64(self.receive_window).unwrap_or(VarInt::MAX))
+            .send_window(self.send_window)
+            .max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_bidi_streams))
+            .max_concurrent_uni_streams(VarInt::from_u32(self.max_concurrent_uni_streams))
+            .keep_alive_interval(Some(self.keep_alive_interval))
+            .max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::MAX))))
+            .initial_mtu(self.initial_mtu)
+            .enable_segmentation_offload(self.segmentation_offload);
+        Arc::new(t)
+    }
+
+    /// The quinn endpoint parameters these settings imply.
+    pub fn quinn_endpoint(&self) -> quinn::EndpointConfig {
+        let mut e = quinn::EndpointConfig::default();
+        // Only fails below 1200, which QUIC forbids anyway; fall back to quinn's default then.
+        let _ = e.max_udp_payload_size(self.max_udp_payload_size.max(self.initial_mtu));
+        e
+    }
+}

@@ -1,0 +1,5 @@
+//! The one integration-test binary of the workspace; each area adds a module.
+
+mod cli;
+mod cluster;
+mod raft_sim;
