@@ -226,6 +226,20 @@ impl<T: Pod> Segment<T> {
         Self::from_aligned(buf)
     }
 
+    /// A sub-range of this segment sharing its storage (no copy).
+    ///
+    /// # Panics
+    /// If `range` is not within `0..self.len()`.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        assert!(range.start <= range.end && range.end <= self.len, "slice {range:?} of a {}-element segment", self.len);
+        Self {
+            storage: Arc::clone(&self.storage),
+            offset: self.offset + range.start * std::mem::size_of::<T>(),
+            len: range.end - range.start,
+            _t: PhantomData,
+        }
+    }
+
     /// The storage this segment points into (for zero-copy sends and tests of identity).
     pub fn storage(&self) -> &Arc<Storage> {
         &self.storage

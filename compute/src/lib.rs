@@ -31,4 +31,4 @@ pub mod partition;
 
 pub use buf::{AlignedBytes, Pod, SEGMENT_ALIGN, Segment};
 pub use csr::{Csr, CsrBuilder, SelfLoops};
-pub use formats::{Format, LoadError, ReadOptions, read_graph, write_graph};
+pub use formats::{Format, LoadError, ReadOptions, read_graph, read_graph_as, write_graph};

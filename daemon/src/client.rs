@@ -11,8 +11,9 @@ use quiver_node_agent::transport::tls::{CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_F
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
-    CancelJobRequest, GetJobRequest, Job, JobSpec, JobState, Kernel, KernelParams, LeaveRequest, ListJobsRequest,
-    MemberRole, MembersRequest, StatusRequest, SubmitRequest, submit_request,
+    CancelJobRequest, FetchResultRequest, GetJobRequest, GraphFormat, Job, JobSpec, JobState, Kernel, KernelParams,
+    LeaveRequest, ListJobsRequest, MemberRole, MembersRequest, StatusRequest, SubmitRequest, WatchJobRequest,
+    submit_request,
 };
 use serde_json::{Value, json};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
@@ -60,6 +61,24 @@ pub struct SubmitArgs {
     /// Upload chunk size in bytes (the server refuses messages above 4 MiB).
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub chunk_bytes: usize,
+    /// Do not upload: the graph path is read by the node that takes the submit.
+    #[arg(long)]
+    pub by_path: bool,
+    /// Wait for the job to finish, showing its progress; exit non-zero if it fails.
+    #[arg(long)]
+    pub wait: bool,
+    #[command(flatten)]
+    pub conn: Conn,
+}
+
+/// `quiver result`.
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// The job id.
+    pub id: u64,
+    /// Where to write the result (.npy).
+    #[arg(long)]
+    pub out: PathBuf,
     #[command(flatten)]
     pub conn: Conn,
 }
@@ -93,6 +112,12 @@ pub enum JobCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Follow a job until it ends: exit 0 when it succeeds, non-zero with the reason otherwise.
+    Watch {
+        id: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -100,6 +125,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 pub async fn channel(conn: &Conn) -> Result<Channel> {
+    connect(conn, Some(Duration::from_secs(15))).await
+}
+
+/// [`channel`] with a chosen per-request timeout (`None` for streams that last as long as a job).
+pub async fn connect(conn: &Conn, timeout: Option<Duration>) -> Result<Channel> {
     let dir = conn
         .tls_dir
         .clone()
@@ -119,8 +149,11 @@ pub async fn channel(conn: &Conn) -> Result<Channel> {
         .with_context(|| format!("--addr {}: not a host:port address", conn.addr))?
         .tls_config(tls)
         .context("configuring TLS")?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(15));
+        .connect_timeout(Duration::from_secs(3));
+    let endpoint = match timeout {
+        Some(t) => endpoint.timeout(t),
+        None => endpoint,
+    };
     endpoint.connect().await.with_context(|| format!("connecting to {}", conn.addr))
 }
 
@@ -284,10 +317,30 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         Algo::Appnp => d.feature_dim.unwrap_or(0) as u32,
         _ => 1,
     };
-    let bytes = std::fs::read(&args.graph).with_context(|| format!("reading the graph {}", args.graph.display()))?;
-    if bytes.is_empty() {
-        bail!("{}: the graph file is empty", args.graph.display());
-    }
+    let format = match args.graph.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("el" | "txt" | "edges") => GraphFormat::Snap,
+        Some("mtx") => GraphFormat::MatrixMarket,
+        Some("qcsr") => GraphFormat::QuiverCsr,
+        _ => GraphFormat::Unspecified,
+    };
+    let absolute = |p: &Path| -> Result<String> {
+        let p = std::path::absolute(p).with_context(|| format!("{}: not a usable path", p.display()))?;
+        Ok(p.display().to_string())
+    };
+    let features_path = match &d.features {
+        Some(f) => absolute(f)?,
+        None => String::new(),
+    };
+    let (bytes, graph_path) = if args.by_path {
+        (Vec::new(), absolute(&args.graph)?)
+    } else {
+        let bytes =
+            std::fs::read(&args.graph).with_context(|| format!("reading the graph {}", args.graph.display()))?;
+        if bytes.is_empty() {
+            bail!("{}: the graph file is empty", args.graph.display());
+        }
+        (bytes, String::new())
+    };
     let spec = JobSpec {
         name: args.name.clone().unwrap_or_default(),
         params: Some(KernelParams {
@@ -297,13 +350,17 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
             tolerance,
             seeds: d.seeds.clone(),
             width,
+            random_walk: d.normalization == crate::run::Norm::Rw,
+            features_path,
+            feature_seed: d.feature_seed,
         }),
-        format: 0,
-        graph_path: String::new(),
+        format: format as i32,
+        graph_path,
         partitions: args.partitions,
         checkpoint_every: 0,
         client_id: client_id(),
         client_seq: 1,
+        holder: 0,
     };
     runtime()?.block_on(async {
         let mut c = JobsClient::new(channel(&args.conn).await?);
@@ -312,8 +369,77 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
             messages.push(SubmitRequest { body: Some(submit_request::Body::GraphChunk(chunk.to_vec())) });
         }
         let id = c.submit(tokio_stream_iter(messages)).await.map_err(status_error)?.into_inner().job_id;
+        if args.wait {
+            return watch(&args.conn, id).await;
+        }
         let v = json!({ "id": id, "state": "queued" });
-        print(&args.conn, &v, || format!("submitted job {id} (queued)\n"));
+        print(&args.conn, &v, || format!("submitted job {id}\n"));
+        Ok(())
+    })
+}
+
+/// Follows job `id` to its end: a progress bar on a terminal, a line per superstep otherwise
+/// (nothing but the final object with `--output json`). Errors when the job does not succeed.
+async fn watch(conn: &Conn, id: u64) -> Result<()> {
+    let mut c = JobsClient::new(connect(conn, None).await?);
+    let first = c.get(GetJobRequest { job_id: id }).await.map_err(status_error)?.into_inner();
+    let total = first.spec.as_ref().and_then(|s| s.params.as_ref()).map_or(0, |p| p.max_iterations);
+    let tty = conn.output == Output::Table && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = tty.then(|| {
+        let bar = indicatif::ProgressBar::new(u64::from(total));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("job {prefix} {bar:30} {pos}/{len} supersteps {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(id.to_string());
+        bar
+    });
+    let mut stream = c.watch(WatchJobRequest { job_id: id }).await.map_err(status_error)?.into_inner();
+    let mut last_step = None;
+    while let Some(p) = stream.message().await.map_err(status_error)? {
+        match &bar {
+            Some(b) => {
+                b.set_position(p.superstep);
+                b.set_message(format!("{} residual {:.3e}", state_name(p.state), p.residual));
+            }
+            None if conn.output == Output::Table && last_step != Some(p.superstep) => {
+                eprintln!("job {id}: {} superstep {} residual {:.3e}", state_name(p.state), p.superstep, p.residual);
+            }
+            None => {}
+        }
+        last_step = Some(p.superstep);
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let j = c.get(GetJobRequest { job_id: id }).await.map_err(status_error)?.into_inner();
+    let v = job_json(&j);
+    print(conn, &v, || jobs_table(std::slice::from_ref(&v)));
+    match JobState::try_from(j.state) {
+        Ok(JobState::Succeeded) => Ok(()),
+        Ok(JobState::Failed) => bail!("job {id} failed: {}", j.error),
+        Ok(JobState::Cancelled) => bail!("job {id} was cancelled"),
+        _ => bail!("job {id}: the watch ended while the job is {}", state_name(j.state)),
+    }
+}
+
+/// `quiver result JOB --out FILE.npy`.
+pub fn result(args: ResultArgs) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = JobsClient::new(connect(&args.conn, None).await?).max_decoding_message_size(64 << 20);
+        let mut stream =
+            c.fetch_result(FetchResultRequest { job_id: args.id }).await.map_err(status_error)?.into_inner();
+        let tmp = args.out.with_extension("npy.part");
+        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.message().await.map_err(status_error)? {
+            std::io::Write::write_all(&mut file, &chunk.data).with_context(|| format!("writing {}", tmp.display()))?;
+            bytes += chunk.data.len() as u64;
+        }
+        file.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &args.out).with_context(|| format!("storing {}", args.out.display()))?;
+        let v = json!({ "id": args.id, "out": args.out, "bytes": bytes });
+        print(&args.conn, &v, || format!("job {} result written to {} ({bytes} bytes)\n", args.id, args.out.display()));
         Ok(())
     })
 }
@@ -352,7 +478,10 @@ fn job_json(j: &Job) -> Value {
         "algo": algo,
         "max_iterations": p.max_iterations,
         "epoch": j.epoch,
+        "superstep": j.superstep,
+        "residual": j.residual,
         "graph_digest": digest,
+        "result_digest": crate::run::hex(&j.result_digest),
         "error": j.error,
     })
 }
@@ -388,6 +517,7 @@ pub fn job(cmd: JobCmd) -> Result<()> {
                 let v: Vec<Value> = jobs.iter().map(job_json).collect();
                 print(&conn, &Value::Array(v.clone()), || jobs_table(&v));
             }
+            JobCmd::Watch { id, conn } => return watch(&conn, id).await,
             JobCmd::Cancel { id, conn } => {
                 let mut c = JobsClient::new(channel(&conn).await?);
                 c.cancel(CancelJobRequest { job_id: id }).await.map_err(status_error)?;

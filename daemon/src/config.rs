@@ -68,6 +68,17 @@ pub struct AgentArgs {
     /// Log format.
     #[arg(long, env = "QUIVER_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Worker threads for kernels, each pinned to one CPU (default: every CPU this process may use).
+    #[arg(long, env = "QUIVER_WORKER_THREADS", value_name = "N")]
+    pub worker_threads: Option<usize>,
+    /// Serving requests in flight on this node before `Diffuse` answers RESOURCE_EXHAUSTED
+    /// (default: 4 × worker threads × 64).
+    #[arg(long, env = "QUIVER_SERVE_QUEUE_LIMIT", value_name = "N")]
+    pub serve_queue_limit: Option<usize>,
+    /// Worker load above which a `Diffuse` request is offered to a less-loaded peer
+    /// (default: 4 × worker threads; 0 offers every request).
+    #[arg(long, env = "QUIVER_SERVE_FORWARD_THRESHOLD", value_name = "N")]
+    pub serve_forward_threshold: Option<usize>,
 }
 
 /// The same options as they appear in `quiver.toml`.
@@ -86,6 +97,9 @@ struct FileConfig {
     join: Option<Vec<String>>,
     join_timeout_secs: Option<u64>,
     log_format: Option<LogFormat>,
+    worker_threads: Option<usize>,
+    serve_queue_limit: Option<usize>,
+    serve_forward_threshold: Option<usize>,
 }
 
 /// How this node enters a cluster.
@@ -93,8 +107,11 @@ struct FileConfig {
 pub enum Membership {
     /// Restart from the data directory only (it must hold cluster state).
     Restart,
-    /// Bootstrap a new cluster of `expect` nodes (1 for `--bootstrap`).
+    /// Bootstrap a new single-node cluster (`--bootstrap`, or `--bootstrap-expect 1`).
     Bootstrap { expect: u32 },
+    /// `--bootstrap-expect N` (N > 1) with `--join` seeds: find the other N − 1 expected nodes
+    /// through the seeds, then bootstrap the cluster of all N (see `agent::expect`).
+    BootstrapExpect { expect: u32, seeds: Vec<SocketAddr> },
     /// Join through any of these seeds.
     Join { seeds: Vec<SocketAddr> },
 }
@@ -112,6 +129,11 @@ pub struct AgentConfig {
     pub membership: Membership,
     pub join_timeout: Duration,
     pub log_format: LogFormat,
+    /// `None`: one worker per usable CPU.
+    pub worker_threads: Option<usize>,
+    /// `None`: the serving defaults for the worker count (`agent::serve::ServeConfig::defaults`).
+    pub serve_queue_limit: Option<usize>,
+    pub serve_forward_threshold: Option<usize>,
 }
 
 /// A configuration value that does not validate; names the option and the reason.
@@ -204,7 +226,12 @@ impl AgentArgs {
                         "needs --join with the other expected members' addresses",
                     ));
                 }
-                Membership::Bootstrap { expect: n }
+                if n == 1 {
+                    Membership::Bootstrap { expect: 1 }
+                } else {
+                    let seeds = seeds.iter().map(|s| parse_addr("--join", s)).collect::<Result<_, _>>()?;
+                    Membership::BootstrapExpect { expect: n, seeds }
+                }
             }
             (false, None, false) => {
                 Membership::Join { seeds: seeds.iter().map(|s| parse_addr("--join", s)).collect::<Result<_, _>>()? }
@@ -215,7 +242,18 @@ impl AgentArgs {
         if join_timeout_secs == 0 {
             return Err(invalid("--join-timeout-secs", "must be at least 1"));
         }
+        let worker_threads = self.worker_threads.or(file.worker_threads);
+        if worker_threads == Some(0) {
+            return Err(invalid("--worker-threads", "must be at least 1"));
+        }
+        let serve_queue_limit = self.serve_queue_limit.or(file.serve_queue_limit);
+        if serve_queue_limit == Some(0) {
+            return Err(invalid("--serve-queue-limit", "must be at least 1"));
+        }
         Ok(AgentConfig {
+            worker_threads,
+            serve_queue_limit,
+            serve_forward_threshold: self.serve_forward_threshold.or(file.serve_forward_threshold),
             data_dir,
             peer_addr,
             advertise_addr,
@@ -325,6 +363,13 @@ mod tests {
         a.bootstrap_expect = Some(3);
         let err = with_file("", a).unwrap_err().to_string();
         assert!(err.starts_with("--bootstrap-expect"), "{err}");
+        let mut a = args();
+        a.bootstrap_expect = Some(3);
+        a.join = vec!["127.0.0.1:7500".into()];
+        assert_eq!(
+            with_file("", a).unwrap().membership,
+            Membership::BootstrapExpect { expect: 3, seeds: vec!["127.0.0.1:7500".parse().unwrap()] }
+        );
     }
 
     #[test]

@@ -40,9 +40,11 @@ enum Cli {
     Members(client::Conn),
     /// Show this node's view of the cluster (leader, term, readiness).
     Status(client::Conn),
-    /// Submit a diffusion job (it stays queued until the executor lands).
+    /// Submit a diffusion job to the cluster (--wait to follow it to the end).
     Submit(client::SubmitArgs),
-    /// Inspect and cancel jobs.
+    /// Download a finished job's result.
+    Result(client::ResultArgs),
+    /// Inspect, watch and cancel jobs.
     #[command(subcommand)]
     Job(client::JobCmd),
     /// Remove a member from the cluster.
@@ -71,6 +73,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cli::Status(c) => client::status(c),
         Cli::Submit(s) => client::submit(s),
         Cli::Job(j) => client::job(j),
+        Cli::Result(r) => client::result(r),
         Cli::Leave(l) => client::leave(l),
     }
 }

@@ -222,10 +222,22 @@ fn run_in_pool(a: &RunArgs, threads: usize) -> Result<()> {
 /// A content digest of a result vector (hex SHA-256 of its little-endian bytes): two runs match
 /// bit for bit exactly when their digests are equal.
 pub fn digest(values: &[f32]) -> String {
+    hex(&digest_bytes(values))
+}
+
+/// The SHA-256 of a result vector's little-endian bytes (what [`digest`] prints).
+pub fn digest_bytes(values: &[f32]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for chunk in values.chunks(1 << 16) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
         ctx.update(&bytes);
     }
-    ctx.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Lowercase hex of a digest.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -39,4 +39,6 @@
 //! ```
 
 pub mod bench;
+pub mod jobs;
 pub mod transport;
+pub mod workers;

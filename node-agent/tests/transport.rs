@@ -232,6 +232,71 @@ async fn wanted_peers_are_redialled_after_they_restart() {
     wait_event(&mut ah, |e| matches!(e, PeerEvent::Down { peer: NodeId(2), .. })).await;
 }
 
+/// A SIGKILLed peer sends no CONNECTION_CLOSE, so its old connection looks alive until the idle
+/// timeout; when it restarts on the same address and dials in, the tie-break must not prefer the
+/// dead connection (the lower id dialled it, and it is young). B runs on its own runtime, and
+/// shutting that runtime down in the background is the kill: its endpoint and connections vanish
+/// without a packet.
+#[tokio::test]
+async fn a_killed_peer_that_restarts_on_the_same_address_is_reachable_at_once() {
+    let ca = ca();
+    let (a, mut ah) = node(&ca, 1);
+    let ident_b = ca.node_identity(NodeId(2), Validity::days(1)).unwrap();
+    let b_runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let b_addr = {
+        let _in_b = b_runtime.enter();
+        let (b, bh) = Transport::bind(TransportConfig::loopback(), &ident_b).unwrap();
+        let addr = b.local_addr();
+        b_runtime.spawn(async move {
+            let _alive = (b, bh);
+            std::future::pending::<()>().await
+        });
+        addr
+    };
+    // A (the lower id) dials, so its connection is the one the simultaneous-dial rule prefers.
+    a.add_peer(NodeId(2), b_addr);
+    wait_event(&mut ah, |e| matches!(e, PeerEvent::Up { peer: NodeId(2), initiator: NodeId(1), .. })).await;
+    let old = a.peer(NodeId(2)).unwrap();
+
+    b_runtime.shutdown_background();
+    let mut cfg = TransportConfig::loopback();
+    cfg.bind = b_addr;
+    let (b2, mut b2h) = within("port released", async {
+        loop {
+            match Transport::bind(cfg.clone(), &ident_b) {
+                Ok(t) => return t,
+                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    })
+    .await;
+
+    // Well under the idle timeout (10 s): B2 dials A, and A reaches B2 over the new connection.
+    let fast = TransportConfig::default().idle_timeout / 5;
+    let reached = async {
+        b2.connect(NodeId(1), a.local_addr()).await.expect("the restarted peer's dial is accepted");
+        let c = a.connection(NodeId(2)).await.unwrap();
+        let mut s = c.open_uni(header(StreamKind::RaftBatch)).await.unwrap();
+        s.finish().unwrap();
+        let got = b2h.inbound.recv().await.unwrap();
+        (c, got)
+    };
+    let (c, got) = tokio::time::timeout(fast, reached)
+        .await
+        .unwrap_or_else(|_| panic!("the restarted peer was not reachable within {fast:?}"));
+    assert_eq!((got.peer, got.kind), (NodeId(1), StreamKind::RaftBatch));
+    assert_ne!(c.stable_id(), old.stable_id());
+    assert_eq!(c.initiator(), NodeId(2));
+    // A retired the dead connection itself: the killed process never said goodbye.
+    assert!(
+        matches!(old.quinn().close_reason(), Some(quinn::ConnectionError::LocallyClosed)),
+        "{:?}",
+        old.quinn().close_reason()
+    );
+    assert_eq!(a.connected_peers(), vec![NodeId(2)]);
+    assert_eq!(b2.connected_peers(), vec![NodeId(1)]);
+}
+
 #[tokio::test]
 async fn frames_arrive_aligned_with_exactly_one_copy() {
     let ca = ca();

@@ -57,6 +57,20 @@ mod text;
 
 pub use npy::{NpyArray, NpyElement, read_npy, write_npy};
 
+impl Format {
+    /// Guesses the format of a file from its first bytes: the `.qcsr` magic, a Matrix Market
+    /// banner, or else an edge list (whose parser names the first line it cannot read).
+    pub fn sniff(head: &[u8]) -> Format {
+        if head.starts_with(&qcsr::MAGIC) {
+            Format::Qcsr
+        } else if head.starts_with(b"%%MatrixMarket") {
+            Format::MatrixMarket
+        } else {
+            Format::EdgeList
+        }
+    }
+}
+
 /// A graph file format, chosen by extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -207,7 +221,13 @@ impl LoadError {
 /// memory-mapped and validated in place (rebuilt only if `opts` asks to symmetrise or drop loops).
 pub fn read_graph(path: impl AsRef<Path>, opts: &ReadOptions) -> Result<Csr, LoadError> {
     let path = path.as_ref();
-    match Format::from_path(path)? {
+    read_graph_as(path, Format::from_path(path)?, opts)
+}
+
+/// Reads a graph in a given format, whatever the file is called (uploads, blobs).
+pub fn read_graph_as(path: impl AsRef<Path>, format: Format, opts: &ReadOptions) -> Result<Csr, LoadError> {
+    let path = path.as_ref();
+    match format {
         Format::EdgeList => edgelist::read(path, opts),
         Format::MatrixMarket => mtx::read(path, opts),
         Format::Qcsr => {

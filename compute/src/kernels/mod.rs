@@ -127,10 +127,47 @@ pub fn run_observed(
     partitions: usize,
     observer: &mut (dyn FnMut(Progress) + Send),
 ) -> Result<Output, KernelError> {
+    let kernel = build(graph.vertices(), params)?;
+    // Partitioning comes after the parameter checks, so bad input costs nothing.
+    let parts = partition::partition(graph, partitions)?;
+    let width = kernel.width();
+    let out = match &kernel {
+        Built::PageRank(k) => run_partitioned_observed(k, &parts, params.stop, observer),
+        Built::Heat(k) => run_partitioned_observed(k, &parts, params.stop, observer),
+        Built::Appnp(k) => run_partitioned_observed(k, &parts, params.stop, observer),
+    };
+    Ok(Output { values: out.values, width, iterations: out.iterations, residual: out.residual })
+}
+
+/// A checked kernel, ready to run on a graph of the vertex count it was built for.
+#[derive(Clone, Debug)]
+pub enum Built<'a> {
+    /// PageRank and personalized PageRank.
+    PageRank(PageRank),
+    /// The heat kernel.
+    Heat(Heat),
+    /// APPNP over the whole feature matrix (`base` 0).
+    Appnp(Appnp<'a>),
+}
+
+impl Built<'_> {
+    /// `f32` values per vertex.
+    pub fn width(&self) -> usize {
+        match self {
+            Built::PageRank(_) | Built::Heat(_) => 1,
+            Built::Appnp(k) => k.dim,
+        }
+    }
+}
+
+/// Checks `params` against a graph of `vertices` vertices and builds the kernel they describe:
+/// what [`run`] does before any work, and what a distributed job master does before it hands
+/// the kernel to partition owners. Seeds come out sorted and without duplicates.
+pub fn build<'a>(vertices: usize, params: &Params<'a>) -> Result<Built<'a>, KernelError> {
     if let Some(t) = params.stop.tolerance.filter(|t| !(t.is_finite() && *t >= 0.0)) {
         return Err(KernelError::Tolerance(t));
     }
-    let n = graph.vertices();
+    let n = vertices;
     let unit = |x: f32| (0.0..=1.0).contains(&x);
     let seeds = |s: &[u32], algorithm| -> Result<Vec<u32>, KernelError> {
         if s.is_empty() {
@@ -144,29 +181,24 @@ pub fn run_observed(
         s.dedup();
         Ok(s)
     };
-    // Partitioning comes after each algorithm's parameter checks, so bad input costs nothing.
-    let parts = || partition::partition(graph, partitions);
-    let (out, width) = match &params.algorithm {
+    Ok(match &params.algorithm {
         Algorithm::PageRank { damping } => {
             if !unit(*damping) {
                 return Err(KernelError::Damping(*damping));
             }
-            let k = PageRank { damping: *damping as f64, teleport: Teleport::Uniform { vertices: n as u64 } };
-            (run_partitioned_observed(&k, &parts()?, params.stop, observer), 1)
+            Built::PageRank(PageRank { damping: *damping as f64, teleport: Teleport::Uniform { vertices: n as u64 } })
         }
         Algorithm::PersonalizedPageRank { damping, seeds: s } => {
             if !unit(*damping) {
                 return Err(KernelError::Damping(*damping));
             }
-            let k = PageRank { damping: *damping as f64, teleport: Teleport::Seeds(seeds(s, "ppr")?) };
-            (run_partitioned_observed(&k, &parts()?, params.stop, observer), 1)
+            Built::PageRank(PageRank { damping: *damping as f64, teleport: Teleport::Seeds(seeds(s, "ppr")?) })
         }
         Algorithm::HeatKernel { t, seeds: s } => {
             if !(t.is_finite() && *t >= 0.0) {
                 return Err(KernelError::Time(*t));
             }
-            let k = Heat { t: *t as f64, seeds: seeds(s, "heat")?, vertices: n as u64 };
-            (run_partitioned_observed(&k, &parts()?, params.stop, observer), 1)
+            Built::Heat(Heat { t: *t as f64, seeds: seeds(s, "heat")?, vertices: n as u64 })
         }
         Algorithm::Appnp { alpha, normalization, features, dim } => {
             if !unit(*alpha) {
@@ -180,11 +212,9 @@ pub fn run_observed(
                 let expected = n.saturating_mul(*dim);
                 return Err(KernelError::FeatureShape { len: features.len(), vertices: n, dim: *dim, expected });
             }
-            let k = Appnp { alpha: *alpha, normalization: *normalization, features, dim: *dim, base: 0 };
-            (run_partitioned_observed(&k, &parts()?, params.stop, observer), *dim)
+            Built::Appnp(Appnp { alpha: *alpha, normalization: *normalization, features, dim: *dim, base: 0 })
         }
-    };
-    Ok(Output { values: out.values, width, iterations: out.iterations, residual: out.residual })
+    })
 }
 
 #[cfg(test)]

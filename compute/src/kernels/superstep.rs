@@ -25,6 +25,7 @@
 //! current iterate; store them with the iterate's combined [`Partials`] (an exact integer and a
 //! float). [`PartitionState::restore`] plus one halo exchange resumes the run bit for bit.
 
+use crate::buf::Segment;
 use crate::partition::{HaloSource, LocalGraph, Mirror, Partitioning};
 
 /// A zeroed `f32` vector whose pages the kernel is asked to back with transparent huge pages.
@@ -260,6 +261,22 @@ impl<P> PartitionState<P> {
         for &v in &mirror.vertices {
             out.extend_from_slice(&self.cur[v as usize * w..(v as usize + 1) * w]);
         }
+    }
+
+    /// The values a reader needs (its halo order), packed into a fresh aligned segment that can
+    /// go on the wire without a further copy.
+    pub fn pack_mirror_segment(&self, mirror: &Mirror) -> Segment<f32> {
+        let w = self.width;
+        Segment::build(mirror.vertices.len() * w, |out: &mut [f32]| {
+            for (dst, &v) in out.chunks_exact_mut(w.max(1)).zip(&mirror.vertices) {
+                dst.copy_from_slice(&self.cur[v as usize * w..(v as usize + 1) * w]);
+            }
+        })
+    }
+
+    /// The number of `f32` values an owner's packed buffer for `source` must hold.
+    pub fn halo_len(&self, source: &HaloSource) -> usize {
+        (source.slots.end - source.slots.start) as usize * self.width
     }
 
     /// Copies an owner's packed values into the halo slots they belong to.

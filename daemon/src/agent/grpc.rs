@@ -64,19 +64,28 @@ pub fn serve(
     let cluster = ClusterServer::new(ClusterSvc { shared: shared.clone() })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 << 20);
+    let shared_serve = shared.clone();
     let jobs = JobsServer::new(JobsSvc { shared })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(64 << 20);
+    // HTTP/2 windows well above the 64 KiB default: serving requests of tens of KiB each would
+    // otherwise wait on WINDOW_UPDATE round trips, and every update is one more write.
     let router = Server::builder()
+        .initial_stream_window_size(Some(1 << 20))
+        .initial_connection_window_size(Some(16 << 20))
         .tls_config(tls)
         .context("configuring gRPC TLS")?
         .add_service(health_service)
         .add_service(reflection)
         .add_service(cluster)
-        .add_service(jobs);
+        .add_service(jobs)
+        .add_service(super::serve::service(shared_serve));
     Ok(async move {
         health.set_serving::<ClusterServer<ClusterSvc>>().await;
         health.set_serving::<JobsServer<JobsSvc>>().await;
+        health
+            .set_serving::<quiver_proto::control::diffusion_server::DiffusionServer<super::serve::DiffusionSvc>>()
+            .await;
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, async {
@@ -237,23 +246,33 @@ fn validate(spec: &JobSpec) -> Result<&'static str, Status> {
     if !(p.tolerance.is_finite() && p.tolerance >= 0.0) {
         return Err(invalid("params.tolerance", format!("{} is not a non-negative number", p.tolerance)));
     }
-    if !(p.alpha.is_finite() && (0.0..=1.0).contains(&p.alpha)) {
+    if kernel == "heat" {
+        if !(p.alpha.is_finite() && p.alpha >= 0.0) {
+            return Err(invalid(
+                "params.alpha",
+                format!("heat kernel time t = {} must be a finite number ≥ 0", p.alpha),
+            ));
+        }
+    } else if !(p.alpha.is_finite() && (0.0..=1.0).contains(&p.alpha)) {
         return Err(invalid("params.alpha", format!("{} is outside [0, 1]", p.alpha)));
     }
     if matches!(kernel, "ppr" | "heat") && p.seeds.is_empty() {
         return Err(invalid("params.seeds", format!("{kernel} needs at least one seed vertex")));
     }
-    if kernel == "appnp" && p.width == 0 {
-        return Err(invalid("params.width", "appnp needs a feature width of at least 1"));
+    if kernel == "appnp" && p.width == 0 && p.features_path.is_empty() {
+        return Err(invalid(
+            "params.width",
+            "appnp needs features: a feature width of at least 1 (generated features) or features_path",
+        ));
     }
     Ok(kernel)
 }
 
-fn job_to_proto(j: &CoreJob) -> Job {
+fn job_to_proto(j: &CoreJob, live: Option<&JobProgress>) -> Job {
     let spec = JobSpec::decode(&j.spec.params[..]).ok();
     let (state, error) = match &j.state {
-        // No executor runs jobs yet: a placed job is still waiting to run, so it stays queued.
-        CoreJobState::Pending | CoreJobState::Running => (JobState::Pending, String::new()),
+        CoreJobState::Pending => (JobState::Pending, String::new()),
+        CoreJobState::Running => (JobState::Running, String::new()),
         CoreJobState::Completed => (JobState::Succeeded, String::new()),
         CoreJobState::Failed(reason) => (JobState::Failed, reason.clone()),
         CoreJobState::Cancelled => (JobState::Cancelled, String::new()),
@@ -263,8 +282,10 @@ fn job_to_proto(j: &CoreJob) -> Job {
         spec,
         state: state as i32,
         epoch: j.epoch,
-        superstep: j.last_checkpoint.as_ref().map_or(0, |c| c.superstep),
-        residual: 0.0,
+        superstep: live
+            .filter(|p| p.epoch == j.epoch)
+            .map_or_else(|| j.last_checkpoint.as_ref().map_or(0, |c| c.superstep), |p| p.superstep),
+        residual: live.filter(|p| p.epoch == j.epoch).map_or(0.0, |p| p.residual),
         graph_digest: j.graph_digest.to_vec(),
         result_digest: j.result_digest.map(|d| d.to_vec()).unwrap_or_default(),
         error,
@@ -348,6 +369,18 @@ impl Jobs for JobsSvc {
                 .map_err(|e| Status::internal(format!("storing {}: {e}", blob.display())))?;
             spec.graph_path = blob.display().to_string();
         }
+        let alive = view(&self.shared).state.members.values().filter(|m| m.liveness == Liveness::Alive).count();
+        let shapes =
+            match self.shared.jobs.prepare(&self.shared, &spec, Path::new(&spec.graph_path), digest, alive).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if total > 0 {
+                        let _ = tokio::fs::remove_file(&spec.graph_path).await;
+                    }
+                    return Err(e);
+                }
+            };
+        spec.holder = self.shared.node_id;
         let params = spec.params.clone().unwrap_or_default();
         let request = RequestId {
             client: if spec.client_id == 0 { random_client() } else { spec.client_id },
@@ -359,7 +392,7 @@ impl Jobs for JobsSvc {
             params: spec.encode_to_vec(),
             iterations: params.max_iterations,
             feature_width: params.width.max(1),
-            partitions: vec![],
+            partitions: shapes,
         };
         let cmd = Command { request, op: Op::Submit { spec: core_spec, graph_digest: digest } };
         match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
@@ -374,23 +407,75 @@ impl Jobs for JobsSvc {
 
     async fn get(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = req.into_inner().job_id;
-        let v = view(&self.shared);
+        let v = self.view_with(id).await?;
         v.state
             .jobs
             .get(&id)
-            .map(|j| Response::new(job_to_proto(j)))
+            .map(|j| Response::new(job_to_proto(j, self.live(id).as_ref())))
             .ok_or_else(|| Status::not_found(format!("job {id} does not exist")))
     }
 
     async fn list(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
         let v = view(&self.shared);
-        Ok(Response::new(ListJobsResponse { jobs: v.state.jobs.values().map(job_to_proto).collect() }))
+        Ok(Response::new(ListJobsResponse {
+            jobs: v.state.jobs.values().map(|j| job_to_proto(j, self.live(j.id).as_ref())).collect(),
+        }))
     }
 
     type WatchStream = BoxStream<JobProgress>;
 
-    async fn watch(&self, _: Request<WatchJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
-        Err(Status::unimplemented("watch: jobs do not run yet (the executor comes with the next release)"))
+    async fn watch(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let id = req.into_inner().job_id;
+        self.view_with(id).await?;
+        let holder = self.holder_of(id)?;
+        if let Some(addr) = holder {
+            let mut c = self.relay(&addr).await?;
+            let stream = c.watch(WatchJobRequest { job_id: id }).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut view = shared.view.clone();
+            let mut live = shared.jobs.progress(id);
+            let mut last: Option<JobProgress> = None;
+            loop {
+                let v = view.borrow_and_update().clone();
+                let Some(j) = v.state.jobs.get(&id) else { return };
+                if live.is_none() {
+                    live = shared.jobs.progress(id);
+                }
+                let snapshot = live.as_mut().map(|l| *l.borrow_and_update());
+                let jp = job_to_proto(j, snapshot.as_ref());
+                let p = JobProgress {
+                    job_id: id,
+                    state: jp.state,
+                    superstep: jp.superstep,
+                    residual: jp.residual,
+                    epoch: jp.epoch,
+                };
+                if last.as_ref() != Some(&p) {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                    last = Some(p);
+                }
+                if j.state.is_terminal() {
+                    return;
+                }
+                tokio::select! {
+                    r = view.changed() => if r.is_err() { return },
+                    r = async {
+                        match live.as_mut() {
+                            Some(l) => l.changed().await,
+                            None => std::future::pending().await,
+                        }
+                    } => if r.is_err() { live = None },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
     async fn cancel(&self, req: Request<CancelJobRequest>) -> Result<Response<CancelJobResponse>, Status> {
@@ -415,9 +500,106 @@ impl Jobs for JobsSvc {
         req: Request<FetchResultRequest>,
     ) -> Result<Response<Self::FetchResultStream>, Status> {
         let id = req.into_inner().job_id;
-        if !view(&self.shared).state.jobs.contains_key(&id) {
-            return Err(Status::not_found(format!("job {id} does not exist")));
+        let v = self.view_with(id).await?;
+        let job = v.state.jobs.get(&id).ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
+        match &job.state {
+            CoreJobState::Completed => {}
+            CoreJobState::Failed(reason) => {
+                return Err(Status::failed_precondition(format!("job {id} failed ({reason}): it has no result")));
+            }
+            other => return Err(Status::failed_precondition(format!("job {id} is {other:?}: no result yet"))),
         }
-        Err(Status::failed_precondition(format!("job {id} has no result: jobs do not run yet")))
+        if let Some(addr) = self.holder_of(id)? {
+            let mut c = self.relay(&addr).await?;
+            let stream = c.fetch_result(FetchResultRequest { job_id: id }).await?.into_inner();
+            return Ok(Response::new(Box::pin(stream)));
+        }
+        let path = self.shared.jobs.result_path(id);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::not_found(format!("job {id}: the result {} is not readable: {e}", path.display())))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            loop {
+                let mut buf = vec![0u8; RESULT_CHUNK];
+                match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(ResultChunk { data: buf })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(format!("reading {}: {e}", path.display())))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// How long a read waits for this node to apply a job it has not seen yet.
+const CATCH_UP: Duration = Duration::from_secs(3);
+
+/// Bytes per `ResultChunk`.
+const RESULT_CHUNK: usize = 1 << 20;
+
+impl JobsSvc {
+    /// This node's view once it includes job `id`. A job id is the log index of its submit, so a
+    /// node that has not applied that far yet (a client that submitted through another node and
+    /// asks here at once) waits a moment for it instead of answering "does not exist".
+    async fn view_with(&self, id: u64) -> Result<std::sync::Arc<View>, Status> {
+        let mut rx = self.shared.view.clone();
+        let deadline = tokio::time::Instant::now() + CATCH_UP;
+        loop {
+            let v = rx.borrow_and_update().clone();
+            if v.state.jobs.contains_key(&id) || id <= v.state.applied_index {
+                return Ok(v);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(v),
+            }
+        }
+    }
+
+    /// Live progress of a job this node masters.
+    fn live(&self, job: u64) -> Option<JobProgress> {
+        self.shared.jobs.progress(job).map(|p| *p.borrow())
+    }
+
+    /// `None` when this node holds the job (or nobody else can answer); otherwise the holder's
+    /// gRPC address, to relay to.
+    fn holder_of(&self, id: u64) -> Result<Option<String>, Status> {
+        let v = view(&self.shared);
+        let job = v.state.jobs.get(&id).ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
+        let holder = super::jobs::spec_of(job).map_or(0, |s| s.holder);
+        if holder == 0 || holder == self.shared.node_id {
+            return Ok(None);
+        }
+        let m = v.state.members.get(&holder).ok_or_else(|| {
+            Status::unavailable(format!("job {id} is held by node {holder}, which is no longer a member"))
+        })?;
+        Ok(Some(decode_control_addr(m.info.id, &m.info.control_addr).0))
+    }
+
+    /// A client to another node's `Jobs` service, authenticated with this node's certificate.
+    async fn relay(
+        &self,
+        addr: &str,
+    ) -> Result<quiver_proto::control::jobs_client::JobsClient<tonic::transport::Channel>, Status> {
+        let conn = crate::client::Conn {
+            addr: addr.to_string(),
+            tls_dir: Some(self.shared.jobs.tls_dir().to_path_buf()),
+            output: crate::client::Output::Json,
+        };
+        let channel = crate::client::connect(&conn, None)
+            .await
+            .map_err(|e| Status::unavailable(format!("relaying to the job's holder at {addr}: {e:#}")))?;
+        Ok(quiver_proto::control::jobs_client::JobsClient::new(channel).max_decoding_message_size(64 << 20))
     }
 }

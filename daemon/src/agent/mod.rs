@@ -11,11 +11,17 @@
 //! - [`peer`]: Raft batches and control requests over the QUIC transport, seed discovery.
 //! - [`grpc`]: the `Cluster` and `Jobs` services, health and reflection.
 //! - [`names`]: how a member's name travels in the replicated state.
+//! - [`expect`]: `--bootstrap-expect N`: find the other nodes, agree, bootstrap one cluster.
+//! - [`jobs`]: admission, placement and mastering of distributed jobs; results.
+//! - [`serve`]: the serving path (`Diffusion.Diffuse`) on the pinned worker pools.
 
 mod event_loop;
+pub mod expect;
 pub mod grpc;
+pub mod jobs;
 pub mod names;
 mod peer;
+pub mod serve;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,6 +84,14 @@ pub struct Shared {
     pub view: watch::Receiver<Arc<View>>,
     pub transport: Transport,
     pub data_dir: std::path::PathBuf,
+    /// `--bootstrap-expect` discovery, answering peers' hellos (see [`expect`]).
+    pub expect: Option<Arc<expect::Discovery>>,
+    /// The pinned worker pools every kernel of this node runs on.
+    pub workers: quiver_node_agent::workers::Workers,
+    /// The serving path's queue, cache and peers' live load.
+    pub serving: Arc<serve::Serving>,
+    /// Jobs: admission, the executor, masters and results.
+    pub jobs: Arc<jobs::JobsHost>,
 }
 
 async fn run(cfg: AgentConfig) -> Result<()> {
@@ -143,15 +157,14 @@ async fn run(cfg: AgentConfig) -> Result<()> {
     };
 
     let mut join_seeds = None;
+    let mut expect_seeds = None;
     match (&cfg.membership, initialized) {
-        (Membership::Bootstrap { expect: 1 }, false) => match bootstrap(&store, std::slice::from_ref(&me)) {
+        (Membership::Bootstrap { .. }, false) => match bootstrap(&store, std::slice::from_ref(&me)) {
             Ok(()) => tracing::info!(node = %cfg.node_name, node_id, "bootstrapped a new single-node cluster"),
             Err(BootstrapError::AlreadyInitialized) => {}
             Err(e) => return Err(e).context("bootstrapping"),
         },
-        (Membership::Bootstrap { expect }, false) => bail!(
-            "--bootstrap-expect {expect}: only single-node bootstrap is supported so far; start one agent with --bootstrap and --join the others to it"
-        ),
+        (Membership::BootstrapExpect { expect, seeds }, false) => expect_seeds = Some((*expect, seeds.clone())),
         (Membership::Join { seeds }, false) => join_seeds = Some(seeds.clone()),
         (Membership::Restart, false) => bail!(
             "{} holds no cluster: start with --bootstrap (a new cluster) or --join SEED (an existing one)",
@@ -167,20 +180,40 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         }
     }
 
-    let logger = slog::Logger::root(slog::Discard, slog::o!());
-    let core =
-        CoordinatorCore::open(CoreConfig::new(node_id), store.clone(), &logger).context("opening the coordinator")?;
+    // Answers other nodes' bootstrap-expect hellos (also after this node has bootstrapped).
+    let discovery = match &expect_seeds {
+        Some((n, _)) => Some(expect::Discovery::open(*n, me.clone(), &cfg.data_dir)?),
+        None => expect::Discovery::resume(me.clone(), &cfg.data_dir)?,
+    };
     let (events_tx, events_rx) = mpsc::channel(4096);
     let (view_tx, view_rx) = watch::channel(Arc::new(View::empty(node_id, &cfg.node_name)));
+    let topology = quiver_node_agent::workers::Topology::from_os();
+    let workers = quiver_node_agent::workers::Workers::new(&topology, cfg.worker_threads)
+        .context("starting the worker threads")?;
+    tracing::info!(threads = workers.threads(), numa_nodes = workers.pools(), cpus = ?workers.cpus(), "worker pools pinned");
+    let mut serve_cfg = serve::ServeConfig::defaults(workers.threads());
+    serve_cfg.queue_limit = cfg.serve_queue_limit.unwrap_or(serve_cfg.queue_limit);
+    serve_cfg.forward_threshold = cfg.serve_forward_threshold.unwrap_or(serve_cfg.forward_threshold);
+    let serving = Arc::new(serve::Serving::new(node_id, workers.clone(), serve_cfg));
     let shared = Shared {
         node_id,
         events: events_tx.clone(),
         view: view_rx,
         transport: transport.clone(),
         data_dir: cfg.data_dir.clone(),
+        expect: discovery.clone(),
+        jobs: jobs::JobsHost::new(
+            quiver_node_agent::jobs::JobRuntime::new(transport.clone(), workers.clone()),
+            &cfg.data_dir,
+            &cfg.tls_dir,
+        ),
+        workers,
+        serving,
     };
 
     peer::spawn_inbound(shared.clone(), handles);
+    serve::spawn_load_reports(shared.clone());
+    jobs::spawn(shared.clone());
     tokio::spawn(async move {
         if let Err(e) = http_server.await {
             tracing::error!(error = %e, "http server failed");
@@ -205,6 +238,27 @@ async fn run(cfg: AgentConfig) -> Result<()> {
         data_dir = %cfg.data_dir.display(), "agent started"
     );
 
+    // Raft messages from nodes that bootstrapped first wait in the event queue meanwhile.
+    if let (Some((n, seeds)), Some(d)) = (&expect_seeds, &discovery) {
+        health.set_ready(false, format!("waiting for {n} nodes (--bootstrap-expect)"));
+        let members = tokio::select! {
+            r = expect::discover(&shared, &identity, seeds, d) => r?,
+            () = expect::stop_signal() => {
+                tracing::info!("stopped while waiting for the other --bootstrap-expect nodes");
+                let _ = grpc_stop_tx.send(());
+                transport.shutdown().await;
+                return Ok(());
+            }
+        };
+        match bootstrap(&store, &members) {
+            Ok(()) => tracing::info!(nodes = members.len(), "bootstrapped a new cluster (--bootstrap-expect)"),
+            Err(BootstrapError::AlreadyInitialized) => {}
+            Err(e) => return Err(e).context("bootstrapping"),
+        }
+    }
+    let logger = slog::Logger::root(slog::Discard, slog::o!());
+    let core =
+        CoordinatorCore::open(CoreConfig::new(node_id), store.clone(), &logger).context("opening the coordinator")?;
     let loop_result =
         event_loop::EventLoop::new(core, store, transport.clone(), health, view_tx, me).run(events_rx).await;
     let _ = grpc_stop_tx.send(());

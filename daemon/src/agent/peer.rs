@@ -103,6 +103,8 @@ async fn handle_stream(shared: Shared, mut s: InboundStream) {
             let _ = send.send_message(&ControlResponse { request_id: req.request_id, body: Some(body) }).await;
             let _ = send.finish();
         }
+        StreamKind::ServingForward => super::serve::handle_stream(shared, s).await,
+        StreamKind::Job | StreamKind::HaloExchange => shared.jobs.runtime.handle_stream(s).await,
         other => {
             s.recv.reject(ErrorCode::Refused, &format_args!("{other:?} streams are not handled by this agent yet"));
         }
@@ -159,6 +161,15 @@ async fn answer_control(shared: &Shared, peer: NodeId, body: Option<control_requ
                 Err(e) => error_body(format!("{e:#}")),
             }
         }
+        super::expect::KIND => match &shared.expect {
+            Some(d) => match super::expect::answer(d, peer, &body) {
+                Ok(b) => opaque(super::expect::KIND, b),
+                Err(e) => error_body(e),
+            },
+            None => error_body(
+                "expect: this node is not bootstrapping (--bootstrap-expect); it already belongs to a cluster: --join it",
+            ),
+        },
         other => error_body(format!("control request: unknown kind {other:?}")),
     }
 }
@@ -240,7 +251,23 @@ pub async fn propose(shared: &Shared, cmd: Command, within: Duration) -> Result<
         if Instant::now() + delay > deadline {
             return Err(ProposeFailure::Unavailable { within, leader, last });
         }
-        tokio::time::sleep(delay).await;
+        // Back off, but retry as soon as a (new) leader is known: during a failover that moment
+        // is what the caller is waiting for, and the backoff must not add to it.
+        let mut view = shared.view.clone();
+        let known = view.borrow_and_update().status.leader;
+        let elected = async move {
+            while view.changed().await.is_ok() {
+                let now = view.borrow().status.leader;
+                if now != 0 && now != known {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await;
+        };
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = elected => {}
+        }
         delay = (delay * 2).min(Duration::from_millis(200));
     }
 }

@@ -1,5 +1,6 @@
 //! `quiver bench failover`: a local 3-agent cluster of this very binary on loopback. Measures
-//! join latency (agent process start → `/readyz` OK and listed by `Members` on every node),
+//! join latency (agent process start → `/readyz` OK and listed by `Members` on every node; the two
+//! joins that form the cluster, then `--joins` more by extra agents that join and leave again),
 //! failover (SIGKILL of the leader → a `Submit` acknowledged by a survivor) over N trials, checks
 //! that no acknowledged submit is lost or duplicated, and reports each agent's idle RSS.
 
@@ -9,7 +10,8 @@ use anyhow::{Context, Result, bail, ensure};
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
-    JobSpec, Kernel, KernelParams, ListJobsRequest, MembersRequest, StatusRequest, SubmitRequest, submit_request,
+    JobSpec, Kernel, KernelParams, LeaveRequest, ListJobsRequest, MembersRequest, StatusRequest, SubmitRequest,
+    submit_request,
 };
 use quiver_tests::agents::LocalCluster;
 use serde_json::json;
@@ -23,6 +25,10 @@ pub struct Args {
     /// Leader failovers to time.
     #[arg(long, default_value_t = 20)]
     pub trials: usize,
+    /// Extra agents that each join the formed cluster (timed) and leave it again, before the
+    /// failovers; with the two joins that form the cluster these are the join samples.
+    #[arg(long, default_value_t = 10)]
+    pub joins: usize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -101,7 +107,9 @@ fn stats(mut v: Vec<f64>) -> serde_json::Value {
 pub fn run(args: Args) -> Result<()> {
     let exe = std::env::current_exe().context("locating the quiver binary")?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let mut c = LocalCluster::with_bin(&NAMES, exe);
+    let joiners: Vec<String> = (1..=args.joins).map(|i| format!("j{i}")).collect();
+    let names: Vec<&str> = NAMES.iter().copied().chain(joiners.iter().map(String::as_str)).collect();
+    let mut c = LocalCluster::with_bin(&names, exe);
     let report = rt.block_on(measure(&mut c, args.trials));
     let report = match report {
         Ok(r) => r,
@@ -143,6 +151,35 @@ async fn measure(c: &mut LocalCluster, trials: usize) -> Result<serde_json::Valu
             .await?;
         }
         joins.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    // More join samples: each extra agent joins (timed as above), then leaves and stops.
+    for j in NAMES.len()..c.agents.len() {
+        let t0 = Instant::now();
+        c.agents[j].start(&["--join", &seed]);
+        until("the joiner ready", || ready(c, j)).await?;
+        let joiner = c.agents[j].name.clone();
+        let cn = conn(c, j);
+        let mut all = channels.clone();
+        all.push(until("the joiner's gRPC port", || channel(&cn)).await?);
+        for ch in &all {
+            until("the joiner listed everywhere", || async {
+                let (names, _) = members(ch).await?;
+                ensure!(names.contains(&joiner), "{names:?}");
+                Ok(())
+            })
+            .await?;
+        }
+        joins.push(t0.elapsed().as_secs_f64() * 1e3);
+        let ms = ClusterClient::new(channels[0].clone()).members(MembersRequest {}).await?.into_inner().members;
+        let id = ms.iter().find(|m| m.name == joiner).map(|m| m.node_id).context("the joiner's node id")?;
+        ClusterClient::new(channels[0].clone()).leave(LeaveRequest { node_id: id }).await?;
+        c.agents[j].kill9();
+        until("the joiner gone", || async {
+            let (names, _) = members(&channels[0]).await?;
+            ensure!(!names.contains(&joiner), "{names:?}");
+            Ok(())
+        })
+        .await?;
     }
     let client = u64::from(std::process::id()) << 20;
     let mut acked = Vec::new();

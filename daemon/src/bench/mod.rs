@@ -4,6 +4,7 @@
 
 mod failover;
 mod raft;
+mod serve;
 mod transport;
 
 use clap::Subcommand;
@@ -15,6 +16,8 @@ pub enum Bench {
     Failover(failover::Args),
     /// Raft coordinator: disk-backed commit latency, simulated failover, placement, snapshot + restart.
     Raft(raft::Args),
+    /// Serving path: an open-loop `Diffuse` load generator (HDR latency histogram, cached and distinct graphs).
+    Serve(serve::Args),
     /// QUIC peer transport: partition push vs bare quinn, heartbeat RTT under load, handshake time.
     Transport(transport::Args),
 }
@@ -24,6 +27,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Failover(args) => failover::run(args),
         Bench::Raft(args) => raft::run(args),
+        Bench::Serve(args) => serve::run(args),
         Bench::Transport(args) => transport::run(args),
     }
 }

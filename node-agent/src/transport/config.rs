@@ -37,6 +37,12 @@ pub struct TransportConfig {
     pub idle_timeout: Duration,
     /// Give up on a handshake after this long. Default 5 s.
     pub handshake_timeout: Duration,
+    /// How long an existing connection has to answer a heartbeat when a newer connection from the
+    /// same peer would otherwise be refused as a duplicate. Default 100 ms (at least 4 × its RTT is
+    /// always allowed). A peer that was killed and restarted leaves a connection behind that looks
+    /// alive until `idle_timeout`; failing this probe retires it at once so the restarted peer is
+    /// reachable within about this long, not after the idle timeout.
+    pub liveness_probe_timeout: Duration,
     /// A stream whose header has not arrived after this long is stopped. Default 10 s.
     pub stream_header_timeout: Duration,
     /// Initial UDP payload size. Default 1200 (quinn's); quinn's path MTU discovery raises it.
@@ -73,6 +79,7 @@ impl Default for TransportConfig {
             keep_alive_interval: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
+            liveness_probe_timeout: Duration::from_millis(100),
             stream_header_timeout: Duration::from_secs(10),
             initial_mtu: 1200,
             max_udp_payload_size: 1472,

@@ -2,7 +2,18 @@
 //!
 //! Simultaneous dials are resolved the same way on both sides: while both connections are young,
 //! the one dialled by the lower node id wins and the other is closed with [`ErrorCode::Duplicate`];
-//! otherwise the newest connection wins (the old one belongs to a peer that restarted). Wanted
+//! otherwise the newest connection wins (the old one belongs to a peer that restarted).
+//!
+//! A peer that was killed (no CONNECTION_CLOSE sent) and restarted on the same address leaves its
+//! old connection behind, looking alive until the idle timeout, and its new process dials in from
+//! the same UDP address, so neither age nor address tells a restart from a simultaneous dial.
+//! Liveness does: before the young old connection is preferred over a newer one, it must answer a
+//! heartbeat within [`TransportConfig::liveness_probe_timeout`]. In a genuine simultaneous dial
+//! both connections lead to the same live process, the probe answers on both sides, and both
+//! sides keep the lower id's connection. A dead connection cannot answer, so it is closed with
+//! [`ErrorCode::Stale`] and the new one installed: the restarted peer is reachable after one probe
+//! timeout rather than the idle timeout. The probe can only turn the choice towards the new
+//! connection, which is what both sides want when the old one is gone. Wanted
 //! peers ([`Transport::add_peer`]) are redialled with capped, jittered backoff. Connection events
 //! (up, down, RTT) go to one channel and inbound streams, header already read, to another.
 //! Heartbeat streams are answered here, so liveness does not depend on the application loop.
@@ -211,6 +222,8 @@ struct PeerState {
     dialer_running: bool,
     current: Option<PeerConnection>,
     dial_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Woken whenever `current` is set to a new connection.
+    installed: Arc<tokio::sync::Notify>,
 }
 
 struct Inner {
@@ -430,6 +443,13 @@ async fn connect(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<P
     match tokio::time::timeout(inner.config.handshake_timeout, confirm).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => {
+            // Lost a simultaneous dial: the peer kept the connection the lower id dialled, which
+            // is (or is about to be) ours too. That one is the answer, not an error.
+            let duplicate = matches!(conn.close_reason(), Some(quinn::ConnectionError::ApplicationClosed(ref c))
+                if c.error_code == ErrorCode::Duplicate.into());
+            if duplicate && let Some(kept) = wait_installed(inner, peer, conn.stable_id()).await {
+                return Ok(kept);
+            }
             let reason = conn.close_reason().map_or_else(|| e.to_string(), |r| r.to_string());
             tracing::warn!(%peer, %addr, %reason, "peer refused our connection after the handshake");
             conn.close(ErrorCode::Cancelled.into(), b"refused");
@@ -440,28 +460,77 @@ async fn connect(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<P
             return Err(dial_err("no answer after the handshake".into()));
         }
     }
-    Ok(install(inner, conn, peer, inner.node_id))
+    Ok(install(inner, conn, peer, inner.node_id).await)
+}
+
+/// The live connection to `peer` other than `not`, waiting (up to the handshake timeout) for one
+/// to be installed.
+async fn wait_installed(inner: &Arc<Inner>, peer: NodeId, not: usize) -> Option<PeerConnection> {
+    let deadline = tokio::time::Instant::now() + inner.config.handshake_timeout;
+    loop {
+        let installed = {
+            let mut peers = inner.peers.lock().expect("peers lock");
+            let st = peers.entry(peer).or_default();
+            if let Some(c) = st.current.as_ref().filter(|c| !c.is_closed() && c.stable_id() != not) {
+                return Some(c.clone());
+            }
+            st.installed.clone()
+        };
+        let notified = installed.notified();
+        // Checked again after registering, so an install in between is not missed.
+        if let Some(c) = inner.peers.lock().expect("peers lock").get(&peer).and_then(|st| st.current.clone())
+            && !c.is_closed()
+            && c.stable_id() != not
+        {
+            return Some(c);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return None;
+        }
+    }
 }
 
 /// Makes `conn` the connection to `peer`, or closes it as a duplicate; returns the one kept.
-fn install(inner: &Arc<Inner>, conn: quinn::Connection, peer: NodeId, initiator: NodeId) -> PeerConnection {
+///
+/// The tie-break keeps a young connection dialled by the lower id over a newer one dialled by the
+/// higher id, but only while the kept one answers a liveness probe (see the module docs).
+async fn install(inner: &Arc<Inner>, conn: quinn::Connection, peer: NodeId, initiator: NodeId) -> PeerConnection {
     let new = PeerConnection::new(peer, initiator, conn, inner.config.clone());
     let preferred = inner.node_id.min(peer);
-    let replaced = {
-        let mut peers = inner.peers.lock().expect("peers lock");
-        let st = peers.entry(peer).or_default();
-        match st.current.as_ref().filter(|c| !c.is_closed()) {
-            Some(old)
-                if old.initiator == preferred && initiator != preferred && old.established.elapsed() < DEDUP_WINDOW =>
-            {
-                let keep = old.clone();
-                drop(peers);
-                tracing::debug!(%peer, "closing duplicate connection dialled by the higher id");
-                new.close(ErrorCode::Duplicate, "duplicate");
-                return keep;
+    let replaced = loop {
+        let contender = {
+            let mut peers = inner.peers.lock().expect("peers lock");
+            let st = peers.entry(peer).or_default();
+            match st.current.as_ref().filter(|c| !c.is_closed()) {
+                Some(old)
+                    if old.initiator == preferred
+                        && initiator != preferred
+                        && old.established.elapsed() < DEDUP_WINDOW =>
+                {
+                    old.clone()
+                }
+                _ => {
+                    st.installed.notify_waiters();
+                    break st.current.replace(new.clone());
+                }
             }
-            _ => st.current.replace(new.clone()),
+        };
+        if answers_probe(inner, &contender).await {
+            tracing::debug!(%peer, "closing duplicate connection dialled by the higher id");
+            new.close(ErrorCode::Duplicate, "duplicate");
+            return contender;
         }
+        // Retire the silent connection unless another install already did, then decide again.
+        {
+            let mut peers = inner.peers.lock().expect("peers lock");
+            if let Some(st) = peers.get_mut(&peer)
+                && st.current.as_ref().is_some_and(|c| c.stable_id() == contender.stable_id())
+            {
+                st.current = None;
+            }
+        }
+        tracing::info!(%peer, addr = %contender.remote_address(), "retiring a connection that no longer answers (the peer restarted)");
+        contender.close(ErrorCode::Stale, "stale");
     };
     if let Some(old) = replaced.filter(|o| !o.is_closed()) {
         tracing::debug!(%peer, "replacing connection");
@@ -471,6 +540,13 @@ fn install(inner: &Arc<Inner>, conn: quinn::Connection, peer: NodeId, initiator:
     emit(inner, PeerEvent::Up { peer, addr: new.remote_address(), initiator });
     tokio::spawn(serve_connection(inner.clone(), new.clone()));
     new
+}
+
+/// Whether `pc` echoes a heartbeat within the probe timeout (at least 4 RTTs).
+async fn answers_probe(inner: &Inner, pc: &PeerConnection) -> bool {
+    let within = inner.config.liveness_probe_timeout.max(pc.rtt() * 4);
+    let probe = async { pc.heartbeat().await?.ping().await.map_err(TransportError::from) };
+    matches!(tokio::time::timeout(within, probe).await, Ok(Ok(_)))
 }
 
 async fn accept_loop(inner: Arc<Inner>) {
@@ -505,7 +581,7 @@ async fn accept_loop(inner: Arc<Inner>) {
                     conn.close(ErrorCode::WrongPeer.into(), b"same node id");
                 }
                 Ok(peer) => {
-                    install(&inner, conn, peer, peer);
+                    install(&inner, conn, peer, peer).await;
                 }
                 Err(e) => {
                     tracing::warn!(%remote, error = %e, "refused peer: no node identity");

@@ -50,6 +50,9 @@ pub enum ErrorCode {
     Removed = 3,
     /// Connection: the certificate names another node than the one dialled.
     WrongPeer = 4,
+    /// Connection: it failed a liveness probe while a newer connection from the same node waited
+    /// (the peer was killed and restarted; this one was left behind).
+    Stale = 5,
     /// Stream: bytes that do not follow the wire format.
     Malformed = 0x10,
     /// Stream: a length or count above the configured limits.
@@ -70,7 +73,7 @@ impl ErrorCode {
     /// The code for a wire value, if it is one of ours.
     pub fn from_wire(v: u64) -> Option<Self> {
         use ErrorCode::*;
-        [Ok, Shutdown, Duplicate, Removed, WrongPeer, Malformed, TooLarge, Refused, Cancelled]
+        [Ok, Shutdown, Duplicate, Removed, WrongPeer, Stale, Malformed, TooLarge, Refused, Cancelled]
             .into_iter()
             .find(|c| *c as u64 == v)
     }

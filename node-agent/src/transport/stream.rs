@@ -42,6 +42,8 @@ pub fn priority(kind: StreamKind) -> i32 {
         StreamKind::RaftBatch => 90,
         StreamKind::Control => 80,
         StreamKind::ServingForward => 70,
+        // Superstep control (go / partials) is small and on the critical path of every step.
+        StreamKind::Job => 60,
         StreamKind::HaloExchange => 10,
         StreamKind::PartitionPush | StreamKind::Unspecified => 0,
     }

@@ -1,10 +1,18 @@
-//! Real `quiver agent` processes on 127.0.0.1, spoken to only through the CLI (gRPC) and the
-//! HTTP port: formation by seed, forwarding, crash and restart from disk, graceful stop, errors.
+//! Real `quiver agent` processes on 127.0.0.1, spoken to only through the CLI, gRPC and the
+//! HTTP port: formation by seed and by `--bootstrap-expect`, forwarding, crash and restart from
+//! disk, graceful stop, health and reflection for standard tools, errors.
 
 use std::time::Duration;
 
+use quiver_proto::control::cluster_client::ClusterClient;
+use quiver_proto::control::jobs_client::JobsClient;
+use quiver_proto::control::{
+    CancelJobRequest, GetJobRequest, JobSpec, Kernel, KernelParams, StatusRequest, SubmitRequest, submit_request,
+};
 use quiver_tests::agents::{LocalCluster, wait_for};
 use serde_json::Value;
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const READY: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(15);
@@ -90,7 +98,13 @@ fn three_agents_form_by_seed_survive_crashes_and_stop_cleanly() {
     for i in 0..3 {
         wait_for("the job replicated", CONVERGE, || {
             let r = c.cli(i, &["job", "get", &id.to_string()]);
-            if r.status.success() && r.json()["state"] == "queued" { Ok(()) } else { Err(r.stdout.clone() + &r.stderr) }
+            if r.status.success()
+                && ["queued", "running", "succeeded"].contains(&r.json()["state"].as_str().unwrap_or(""))
+            {
+                Ok(())
+            } else {
+                Err(r.stdout.clone() + &r.stderr)
+            }
         });
     }
 
@@ -193,4 +207,200 @@ fn agent_refuses_a_certificate_for_another_name_and_an_empty_data_dir() {
     });
     let log = std::fs::read_to_string(&c.agents[0].log).unwrap();
     assert!(log.contains("holds no cluster"), "{log}");
+}
+
+/// A gRPC channel to agent `i` with the cluster's client certificate, as any gRPC tool uses one.
+async fn grpc(c: &LocalCluster, i: usize) -> Channel {
+    let read = |f: &str| std::fs::read(c.client_tls.join(f)).unwrap_or_else(|e| panic!("reading {f}: {e}"));
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")))
+        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
+        .domain_name("cluster.quiver");
+    Channel::from_shared(format!("https://{}", c.agents[i].addr()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .unwrap()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+fn spec(kernel: i32, iterations: u32) -> JobSpec {
+    JobSpec {
+        params: Some(KernelParams { kernel, alpha: 0.85, max_iterations: iterations, ..Default::default() }),
+        ..Default::default()
+    }
+}
+
+async fn submit_raw(ch: &Channel, msgs: Vec<SubmitRequest>) -> Result<u64, tonic::Status> {
+    let r = JobsClient::new(ch.clone()).submit(tonic::codegen::tokio_stream::iter(msgs)).await?;
+    Ok(r.into_inner().job_id)
+}
+
+fn spec_msg(s: JobSpec) -> SubmitRequest {
+    SubmitRequest { body: Some(submit_request::Body::Spec(s)) }
+}
+
+fn chunk(b: Vec<u8>) -> SubmitRequest {
+    SubmitRequest { body: Some(submit_request::Body::GraphChunk(b)) }
+}
+
+#[track_caller]
+fn assert_status<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, words: &[&str]) {
+    let e = r.expect_err("the request should have been refused");
+    assert_eq!(e.code(), code, "{e:?}");
+    for w in words {
+        assert!(e.message().contains(w), "{w:?} missing from {:?}", e.message());
+    }
+}
+
+/// What grpcurl, grpc-health-probe and load balancers see: grpc.health.v1, reflection, and clear
+/// status codes for requests the CLI would refuse before sending. The node keeps serving.
+#[test]
+fn standard_grpc_clients_get_health_reflection_and_clear_errors() {
+    use tonic_health::ServingStatus;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let mut c = LocalCluster::new(&["h1"]);
+    c.agents[0].start(&["--bootstrap"]);
+    c.agents[0].wait_ready(READY);
+    runtime().block_on(async {
+        let ch = grpc(&c, 0).await;
+
+        // grpc.health.v1: the server as a whole and each service by its full name.
+        let mut health = HealthClient::new(ch.clone());
+        for service in ["", "quiver.control.v1.Cluster", "quiver.control.v1.Jobs"] {
+            let r = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
+            assert_eq!(r.status, ServingStatus::Serving as i32, "service {service:?}");
+        }
+        let r = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await;
+        assert_eq!(r.unwrap_err().code(), Code::NotFound);
+
+        // Reflection lists our services and the health service.
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new(ch.clone())
+            .server_reflection_info(tonic::codegen::tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.message().await.unwrap().expect("one reflection answer");
+        let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+            panic!("not a service list: {answer:?}");
+        };
+        let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+        for want in ["grpc.health.v1.Health", "quiver.control.v1.Cluster", "quiver.control.v1.Jobs"] {
+            assert!(names.contains(&want), "{want} missing from {names:?}");
+        }
+
+        // Bad requests: each gets a status code and a message naming the field.
+        let graph = || chunk(b"0 1\n1 2\n2 0\n".to_vec());
+        let r = submit_raw(&ch, vec![spec_msg(spec(99, 5)), graph()]).await;
+        assert_status(r, Code::InvalidArgument, &["params.kernel", "unknown algorithm 99"]);
+        let r = submit_raw(&ch, vec![spec_msg(spec(Kernel::Pagerank as i32, 5))]).await;
+        assert_status(r, Code::InvalidArgument, &["graph", "missing"]);
+        let r = submit_raw(&ch, vec![graph()]).await;
+        assert_status(r, Code::InvalidArgument, &["spec", "missing"]);
+        // Iterations are unsigned on the wire (the CLI refuses a negative count before sending);
+        // zero is the bad value a client can send.
+        let r = submit_raw(&ch, vec![spec_msg(spec(Kernel::Pagerank as i32, 0)), graph()]).await;
+        assert_status(r, Code::InvalidArgument, &["params.max_iterations"]);
+        let r = JobsClient::new(ch.clone()).get(GetJobRequest { job_id: 424_242 }).await;
+        assert_status(r, Code::NotFound, &["job 424242 does not exist"]);
+        let r = JobsClient::new(ch.clone()).cancel(CancelJobRequest { job_id: 424_242 }).await;
+        assert_status(r, Code::NotFound, &["job 424242 does not exist"]);
+        // One message above the 4 MiB limit is refused by the server, not buffered.
+        let big = vec![spec_msg(spec(Kernel::Pagerank as i32, 5)), chunk(vec![b'0'; 5 << 20])];
+        let e = submit_raw(&ch, big).await.expect_err("an oversized message must be refused");
+        assert!(e.message().contains("too large"), "{e:?}");
+
+        // Still serving: status answers and a good submit is recorded.
+        let s = ClusterClient::new(ch.clone()).status(StatusRequest {}).await.unwrap().into_inner();
+        assert_eq!(s.leader_name, "h1");
+        let id = submit_raw(&ch, vec![spec_msg(spec(Kernel::Pagerank as i32, 5)), graph()]).await.unwrap();
+        JobsClient::new(ch.clone()).get(GetJobRequest { job_id: id }).await.unwrap();
+    });
+    let status = c.agents[0].sigterm(Duration::from_secs(10));
+    assert!(status.success(), "exit status {status} after SIGTERM\n{}", c.agents[0].log_tail());
+}
+
+/// `--bootstrap-expect 3`: three agents that only know each other's seeds wait until all three
+/// are there, then form one cluster with three voters and one leader.
+#[test]
+fn bootstrap_expect_three_agents_form_one_cluster_with_one_leader() {
+    let mut c = LocalCluster::new(&["e1", "e2", "e3"]);
+    let seeds: Vec<String> = c.agents.iter().map(|a| a.peer_addr()).collect();
+    let seeds = seeds.join(",");
+    let flags = ["--bootstrap-expect", "3", "--join", &seeds];
+    c.agents[0].start(&flags);
+    c.agents[1].start(&flags);
+    // Two of three find each other and wait for the third instead of bootstrapping without it.
+    for i in 0..2 {
+        wait_for("a node waiting for the third", READY, || match c.agents[i].http_get("/readyz") {
+            Ok((503, body)) if body.contains("--bootstrap-expect") => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+    }
+    assert!(c.agents[0].is_running() && c.agents[1].is_running(), "{}", c.logs());
+    c.agents[2].start(&flags);
+    for i in 0..3 {
+        c.agents[i].wait_ready(READY);
+    }
+    for i in 0..3 {
+        wait_for("one cluster of three voters on every node", CONVERGE, || {
+            let r = c.cli(i, &["members"]);
+            if !r.status.success() {
+                return Err(r.stderr.clone());
+            }
+            let v = r.json();
+            let voters = v.as_array().into_iter().flatten().filter(|m| m["role"] == "voter").count();
+            let leaders = v.as_array().into_iter().flatten().filter(|m| m["leader"] == true).count();
+            if names(&v) == ["e1", "e2", "e3"] && voters == 3 && leaders == 1 {
+                Ok(())
+            } else {
+                Err(format!("node {i}: {v}"))
+            }
+        });
+    }
+    // Every node names the same leader: one cluster, not three single-node ones.
+    let leader = wait_for("a leader", CONVERGE, || leader_of(&c, 0));
+    for i in 1..3 {
+        wait_for("agreement on the leader", CONVERGE, || match leader_of(&c, i) {
+            Ok(now) if now == leader => Ok(()),
+            other => Err(format!("node {i} says {other:?}, node 0 says {leader}")),
+        });
+    }
+    // A write through any node reaches all.
+    let g = graph(&c);
+    let id = submit(&c, 2, &g).unwrap_or_else(|e| panic!("submit: {e}\n{}", c.logs()));
+    for i in 0..3 {
+        wait_for("the job replicated", CONVERGE, || {
+            let ids = job_ids(&c, i)?;
+            if ids == [id] { Ok(()) } else { Err(format!("{ids:?}")) }
+        });
+    }
+    // A restart with the same flags resumes the cluster from disk.
+    c.agents[0].kill9();
+    c.agents[0].start(&flags);
+    c.agents[0].wait_ready(READY);
+    wait_for("the restarted node has the job", CONVERGE, || {
+        let ids = job_ids(&c, 0)?;
+        if ids == [id] { Ok(()) } else { Err(format!("{ids:?}")) }
+    });
+    for i in 0..3 {
+        let status = c.agents[i].sigterm(Duration::from_secs(10));
+        assert!(status.success(), "{} exited with {status}\n{}", c.agents[i].name, c.agents[i].log_tail());
+    }
 }

@@ -2,4 +2,6 @@
 
 mod cli;
 mod cluster;
+mod jobs;
 mod raft_sim;
+mod serve;

@@ -1,0 +1,463 @@
+//! Jobs on this agent: from a committed submit to a stored result.
+//!
+//! - **Admission** ([`JobsHost::prepare`]): the node that receives a submit loads and checks the
+//!   graph and the parameters before anything is recorded (a malformed graph, an unknown seed or
+//!   features of the wrong shape are `INVALID_ARGUMENT` naming the field), and cuts the graph's
+//!   partition shapes for the cost model. It records itself as the job's *holder*.
+//! - **Placement** ([`spawn`]'s scheduler): on the leader, every job that needs placement gets
+//!   an assignment from the cost-model load balancer, committed through Raft (`Assign`, which
+//!   bumps the epoch).
+//! - **Execution** ([`spawn`]'s reconciler): the holder masters the job
+//!   ([`quiver_node_agent::jobs::run_master`]) at the committed epoch; owners are driven over QUIC.
+//!   A master from an earlier epoch, or of a cancelled job, is stopped, and every node drops the
+//!   job's partitions ([`JobRuntime::drop_job`]).
+//! - **Results**: the master writes `DATA_DIR/results/JOB.npy`, then commits `Complete` with the
+//!   result's SHA-256 (the digest `quiver run --json` prints) or `Fail` with the reason.
+//!   `FetchResult` and `Watch` are answered by the holder; other nodes relay them.
+//!
+//! A holder that restarts finds its running jobs at an epoch whose owners it can no longer
+//! reach consistently, so it asks for a fresh epoch (re-`Assign`) before it masters them again.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prost::Message as _;
+use quiver_compute::formats::{read_npy, write_npy};
+use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
+use quiver_compute::{Csr, Format, ReadOptions, Segment, generate, read_graph_as};
+use quiver_coordinator::scheduler::{SpeedModel, place_job};
+use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, PartitionShape};
+use quiver_coordinator::{Command, Op, Outcome, RequestId};
+use quiver_node_agent::jobs::{JobKey, JobRuntime, KernelSpec, MasterJob, run_master};
+use quiver_node_agent::transport::NodeId;
+use quiver_proto::control::{GraphFormat, JobProgress, JobSpec, JobState, Kernel, KernelParams};
+use tokio::sync::watch;
+use tokio::task::AbortHandle;
+use tonic::Status;
+
+use super::Shared;
+use super::peer;
+
+/// How long a job's commands may wait for a leader before the next try.
+const PROPOSE_WITHIN: Duration = Duration::from_secs(5);
+/// Graphs kept in memory after admission (the next job on the same graph skips the load).
+const GRAPH_CACHE: usize = 2;
+
+/// This node's part in running jobs.
+pub struct JobsHost {
+    pub runtime: Arc<JobRuntime>,
+    results: PathBuf,
+    tls_dir: PathBuf,
+    graphs: Mutex<Vec<([u8; 32], Arc<Csr>)>>,
+    progress: dashmap::DashMap<u64, watch::Sender<JobProgress>>,
+    masters: Mutex<HashMap<u64, (u64, AbortHandle)>>,
+}
+
+impl JobsHost {
+    pub fn new(runtime: Arc<JobRuntime>, data_dir: &Path, tls_dir: &Path) -> Arc<Self> {
+        Arc::new(Self {
+            runtime,
+            results: data_dir.join("results"),
+            tls_dir: tls_dir.to_path_buf(),
+            graphs: Mutex::new(Vec::new()),
+            progress: dashmap::DashMap::new(),
+            masters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Where a job's result lives on its holder.
+    pub fn result_path(&self, job: u64) -> PathBuf {
+        self.results.join(format!("{job}.npy"))
+    }
+
+    /// The node's TLS directory (for relaying to a job's holder).
+    pub fn tls_dir(&self) -> &Path {
+        &self.tls_dir
+    }
+
+    /// Live progress of a job this node masters.
+    pub fn progress(&self, job: u64) -> Option<watch::Receiver<JobProgress>> {
+        self.progress.get(&job).map(|p| p.subscribe())
+    }
+
+    /// Loads and checks what a submit asks for, before it is recorded: the graph (at `path`, in
+    /// the spec's format), the kernel parameters against it, and the partition shapes for the
+    /// scheduler. `partitions` is the count to cut when the spec leaves it at 0.
+    pub async fn prepare(
+        &self,
+        shared: &Shared,
+        spec: &JobSpec,
+        path: &Path,
+        digest: [u8; 32],
+        partitions: usize,
+    ) -> Result<Vec<PartitionShape>, Status> {
+        let g = self
+            .graph(shared, spec, path, digest)
+            .await
+            .map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
+        let params = spec.params.clone().unwrap_or_default();
+        let g2 = g.clone();
+        // Checking features reads a file and may generate megabytes: on the workers.
+        let checked = shared
+            .workers
+            .run(0, move || kernel_of(&params, &g2).map(|_| ()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        checked.map_err(|(field, reason)| Status::invalid_argument(format!("{field}: {reason}")))?;
+        // By default one partition per live member, but never more than the graph has vertices.
+        let count = if spec.partitions > 0 { spec.partitions as usize } else { partitions.min(g.vertices()).max(1) };
+        if count > g.vertices().max(1) {
+            return Err(Status::invalid_argument(format!(
+                "partitions: {count} partitions for a graph of {} vertices",
+                g.vertices()
+            )));
+        }
+        if count > 4096 {
+            return Err(Status::invalid_argument(format!("partitions: {count} is more than 4096")));
+        }
+        let bounds = quiver_compute::partition::boundaries(&g, count, quiver_compute::partition::default_alpha(count))
+            .map_err(|e| Status::invalid_argument(format!("partitions: {e}")))?;
+        let offsets = g.offsets();
+        Ok(bounds
+            .windows(2)
+            .map(|w| PartitionShape {
+                vertices: u64::from(w[1] - w[0]),
+                edges: offsets[w[1] as usize] - offsets[w[0] as usize],
+            })
+            .collect())
+    }
+
+    /// The graph with this digest: from memory, or loaded from `path` on the workers.
+    async fn graph(&self, shared: &Shared, spec: &JobSpec, path: &Path, digest: [u8; 32]) -> Result<Arc<Csr>, String> {
+        if let Some(g) =
+            self.graphs.lock().expect("graph cache").iter().find(|(d, _)| *d == digest).map(|(_, g)| g.clone())
+        {
+            return Ok(g);
+        }
+        let format = match GraphFormat::try_from(spec.format) {
+            Ok(GraphFormat::Snap) => Some(Format::EdgeList),
+            Ok(GraphFormat::MatrixMarket) => Some(Format::MatrixMarket),
+            Ok(GraphFormat::QuiverCsr) => Some(Format::Qcsr),
+            _ => None,
+        };
+        let path = path.to_path_buf();
+        let g = shared
+            .workers
+            .run(0, move || {
+                let format = match format.or_else(|| Format::from_path(&path).ok()) {
+                    Some(f) => f,
+                    None => {
+                        let mut head = [0u8; 16];
+                        let n = std::io::Read::read(&mut std::fs::File::open(&path)?, &mut head)?;
+                        Format::sniff(&head[..n])
+                    }
+                };
+                read_graph_as(&path, format, &ReadOptions::default()).map_err(std::io::Error::other)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let g = Arc::new(g);
+        let mut cache = self.graphs.lock().expect("graph cache");
+        cache.retain(|(d, _)| *d != digest);
+        cache.push((digest, g.clone()));
+        if cache.len() > GRAPH_CACHE {
+            cache.remove(0);
+        }
+        Ok(g)
+    }
+}
+
+/// The kernel, the APPNP features (whole matrix) and the stop rule of a job.
+pub type JobKernel = (KernelSpec, Option<Segment<f32>>, Stop);
+
+/// The kernel, the APPNP features and the stop rule a spec asks for on graph `g`; errors name
+/// the spec field and the reason.
+pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, String)> {
+    let n = g.vertices();
+    let stop = if p.tolerance > 0.0 {
+        Stop::tolerance(p.tolerance as f32, p.max_iterations)
+    } else {
+        Stop::iterations(p.max_iterations)
+    };
+    let coefficient = p.alpha as f32;
+    let features = if Kernel::try_from(p.kernel) == Ok(Kernel::Appnp) {
+        if p.features_path.is_empty() {
+            if p.width == 0 {
+                return Err(("params.width", "appnp needs a feature width of at least 1".into()));
+            }
+            generate::features(n, p.width as usize, p.feature_seed)
+        } else {
+            let a =
+                read_npy::<f32>(Path::new(&p.features_path)).map_err(|e| ("params.features_path", e.to_string()))?;
+            if a.shape.len() != 2 || a.rows() != n {
+                return Err((
+                    "params.features_path",
+                    format!(
+                        "{}: features must be a {n} × d f32 matrix (one row per vertex), found shape {:?}",
+                        p.features_path, a.shape
+                    ),
+                ));
+            }
+            if p.width != 0 && a.cols() != p.width as usize {
+                return Err((
+                    "params.width",
+                    format!("{} does not match the {} columns of {}", p.width, a.cols(), p.features_path),
+                ));
+            }
+            a.data.to_vec()
+        }
+    } else {
+        Vec::new()
+    };
+    let dim = if features.is_empty() { 1 } else { features.len() / n.max(1) };
+    let algorithm = match Kernel::try_from(p.kernel) {
+        Ok(Kernel::Pagerank) => Algorithm::PageRank { damping: coefficient },
+        Ok(Kernel::PersonalizedPagerank) => Algorithm::PersonalizedPageRank { damping: coefficient, seeds: &p.seeds },
+        Ok(Kernel::Heat) => Algorithm::HeatKernel { t: coefficient, seeds: &p.seeds },
+        Ok(Kernel::Appnp) => Algorithm::Appnp {
+            alpha: coefficient,
+            normalization: if p.random_walk { Normalization::RandomWalk } else { Normalization::Symmetric },
+            features: &features,
+            dim,
+        },
+        _ => return Err(("params.kernel", format!("unknown algorithm {}", p.kernel))),
+    };
+    let built = kernels::build(n, &Params { algorithm, stop }).map_err(|e| {
+        let field = match e {
+            KernelError::NoSeeds { .. } | KernelError::UnknownSeed { .. } => "params.seeds",
+            KernelError::FeatureShape { .. } | KernelError::ZeroDimension => "params.features_path",
+            KernelError::Tolerance(_) => "params.tolerance",
+            _ => "params.alpha",
+        };
+        (field, e.to_string())
+    })?;
+    Ok(match built {
+        Built::PageRank(k) => (KernelSpec::PageRank(k), None, stop),
+        Built::Heat(k) => (KernelSpec::Heat(k), None, stop),
+        Built::Appnp(k) => {
+            let spec = KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim };
+            (spec, Some(Segment::from_slice(&features)), stop)
+        }
+    })
+}
+
+/// The proto spec recorded with a job.
+pub fn spec_of(job: &CoreJob) -> Option<JobSpec> {
+    JobSpec::decode(&job.spec.params[..]).ok()
+}
+
+/// Starts the scheduler (acts while this node leads) and the reconciler (starts and stops this
+/// node's masters and partitions as the replicated state changes).
+pub fn spawn(shared: Shared) {
+    tokio::spawn(async move {
+        let mut view = shared.view.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut placing: HashSet<(u64, u64)> = HashSet::new();
+        // Running jobs this process did not start: they need a new epoch before it masters them.
+        let mut inherited: Option<HashSet<u64>> = None;
+        let mut reassigning: HashSet<(u64, u64)> = HashSet::new();
+        loop {
+            tokio::select! {
+                changed = view.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
+            }
+            metrics::gauge!("quiver_job_partitions_running").set(shared.jobs.runtime.running_partitions() as f64);
+            let v = view.borrow_and_update().clone();
+            if !v.ready {
+                continue;
+            }
+            let me = shared.node_id;
+            let inherited = inherited.get_or_insert_with(|| {
+                v.state
+                    .jobs
+                    .values()
+                    .filter(|j| j.state == CoreJobState::Running && spec_of(j).is_some_and(|s| s.holder == me))
+                    .map(|j| j.id)
+                    .collect()
+            });
+            if v.status.is_leader {
+                schedule(&shared, &v.state, &mut placing);
+            }
+            reconcile(&shared, &v.state, inherited, &mut reassigning);
+        }
+    });
+}
+
+/// Leader only: commits an assignment for every job that needs one.
+fn schedule(shared: &Shared, state: &quiver_coordinator::ClusterState, placing: &mut HashSet<(u64, u64)>) {
+    placing.retain(|(job, epoch)| state.jobs.get(job).is_some_and(|j| j.epoch == *epoch && !j.state.is_terminal()));
+    for job in state.jobs_needing_placement() {
+        if !placing.insert((job.id, job.epoch)) {
+            continue;
+        }
+        let op = match place_job(job, state, &SpeedModel::default()) {
+            Ok(assignment) => Op::Assign { job: job.id, expected_epoch: job.epoch, assignment },
+            Err(e) => Op::Fail { job: job.id, epoch: job.epoch, reason: format!("no placement: {e}") },
+        };
+        let shared = shared.clone();
+        let key = (job.id, job.epoch);
+        tokio::spawn(async move {
+            let cmd = Command { request: RequestId { client: shared.node_id, seq: unique_seq() }, op };
+            if let Err(e) = peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
+                tracing::warn!(job = key.0, error = %e, "placing the job failed; retrying");
+            }
+        });
+    }
+}
+
+fn reconcile(
+    shared: &Shared,
+    state: &quiver_coordinator::ClusterState,
+    inherited: &mut HashSet<u64>,
+    reassigning: &mut HashSet<(u64, u64)>,
+) {
+    let host = &shared.jobs;
+    let me = shared.node_id;
+    // Stop what the state no longer wants.
+    {
+        let mut masters = host.masters.lock().expect("masters");
+        masters.retain(|job, (epoch, handle)| {
+            let keep = state.jobs.get(job).is_some_and(|j| j.state == CoreJobState::Running && j.epoch == *epoch);
+            if !keep {
+                handle.abort();
+            }
+            keep
+        });
+    }
+    for job in host.runtime.jobs() {
+        match state.jobs.get(&job) {
+            Some(j) if j.state == CoreJobState::Running => host.runtime.drop_job(job, Some(j.epoch)),
+            _ => host.runtime.drop_job(job, None),
+        }
+    }
+    host.progress.retain(|job, _| state.jobs.get(job).is_some_and(|j| !j.state.is_terminal()));
+    // Start what it wants here.
+    for j in state.jobs.values() {
+        if j.state != CoreJobState::Running || j.assignment.len() != j.spec.partitions.len() {
+            continue;
+        }
+        let Some(spec) = spec_of(j) else { continue };
+        if spec.holder != me {
+            continue;
+        }
+        if inherited.contains(&j.id) {
+            // Ask once per epoch for a fresh one; the new epoch is not inherited.
+            if reassigning.insert((j.id, j.epoch)) {
+                let op = Op::Assign { job: j.id, expected_epoch: j.epoch, assignment: j.assignment.clone() };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let cmd = Command { request: RequestId { client: shared.node_id, seq: unique_seq() }, op };
+                    let _ = peer::propose(&shared, cmd, PROPOSE_WITHIN).await;
+                });
+            }
+            continue;
+        }
+        let mut masters = host.masters.lock().expect("masters");
+        if masters.get(&j.id).is_some_and(|(e, _)| *e == j.epoch) {
+            continue;
+        }
+        let handle = tokio::spawn(master(shared.clone(), j.clone(), spec)).abort_handle();
+        masters.insert(j.id, (j.epoch, handle));
+    }
+    inherited.retain(|job| state.jobs.get(job).is_some_and(|j| reassigning.contains(&(j.id, j.epoch))));
+}
+
+fn progress_of(job: &CoreJob, state: JobState, superstep: u64, residual: f64) -> JobProgress {
+    JobProgress { job_id: job.id, state: state as i32, superstep, residual, epoch: job.epoch }
+}
+
+/// Masters one epoch of a job and records how it ended.
+async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
+    let host = shared.jobs.clone();
+    let (ptx, _) = watch::channel(progress_of(&job, JobState::Running, 0, f64::INFINITY));
+    host.progress.insert(job.id, ptx.clone());
+    tracing::info!(job = job.id, epoch = job.epoch, partitions = job.assignment.len(), "mastering job");
+    let started = std::time::Instant::now();
+    let run = async {
+        let g = host.graph(&shared, &spec, Path::new(&spec.graph_path), job.graph_digest).await?;
+        let params = spec.params.clone().unwrap_or_default();
+        let g2 = g.clone();
+        let (kernel, features, stop) = shared
+            .workers
+            .run(0, move || kernel_of(&params, &g2))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|(field, reason)| format!("{field}: {reason}"))?;
+        let owners = job.assignment.values().map(|&n| NodeId(n)).collect();
+        let mj = MasterJob {
+            key: JobKey { job: job.id, epoch: job.epoch },
+            graph: g.clone(),
+            graph_digest: job.graph_digest,
+            kernel,
+            features,
+            stop,
+            owners,
+        };
+        let out = run_master(host.runtime.clone(), mj, |r| {
+            metrics::counter!("quiver_job_supersteps_total").increment(1);
+            ptx.send_replace(progress_of(&job, JobState::Running, u64::from(r.step), f64::from(r.residual)));
+        })
+        .await?;
+        let path = host.result_path(job.id);
+        let n = g.vertices();
+        let iterations = out.iterations;
+        let digest = shared
+            .workers
+            .run(0, move || -> Result<[u8; 32], String> {
+                let shape = if out.width == 1 { vec![n] } else { vec![n, out.width] };
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                }
+                let tmp = path.with_extension("npy.part");
+                write_npy(&tmp, &shape, &out.values).map_err(|e| e.to_string())?;
+                std::fs::rename(&tmp, &path).map_err(|e| format!("storing {}: {e}", path.display()))?;
+                Ok(crate::run::digest_bytes(&out.values))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+        Ok::<_, String>((digest, iterations))
+    };
+    let op = match run.await {
+        Ok((digest, iterations)) => {
+            tracing::info!(job = job.id, iterations, seconds = started.elapsed().as_secs_f64(), "job finished");
+            metrics::counter!("quiver_jobs_finished_total", "outcome" => "succeeded").increment(1);
+            Op::Complete { job: job.id, epoch: job.epoch, result_digest: digest }
+        }
+        Err(reason) => {
+            tracing::warn!(job = job.id, %reason, "job failed");
+            metrics::counter!("quiver_jobs_finished_total", "outcome" => "failed").increment(1);
+            Op::Fail { job: job.id, epoch: job.epoch, reason }
+        }
+    };
+    let request = RequestId { client: shared.node_id, seq: unique_seq() };
+    for _ in 0..20 {
+        let cmd = Command { request, op: op.clone() };
+        match peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
+            Ok(Outcome::Rejected(r)) => {
+                tracing::info!(job = job.id, reason = %r, "the job's outcome was not recorded (it moved on)");
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => tracing::warn!(job = job.id, error = %e, "recording the job's outcome; retrying"),
+        }
+    }
+}
+
+/// A request sequence unique to this process's commands (time-based, strictly increasing).
+fn unique_seq() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! The distributed job executor: a job master drives supersteps over partition owners on
+//! several nodes, with halos exchanged directly between owners over QUIC.
+//!
+//! # Roles and streams
+//!
+//! - The **master** ([`master::run_master`]) runs on the node that accepted the submit (it holds
+//!   the graph). It cuts the graph with the same partitioner as `quiver run --partitions`, opens
+//!   one `STREAM_KIND_JOB` stream per partition to the partition's owner, sends the partition as
+//!   one zero-copy frame and a [`JobPlan`](quiver_proto::peer::JobPlan), then runs the superstep
+//!   barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
+//!   whether to stop exactly as [`run_partitioned`](quiver_compute::kernels::run_partitioned) does,
+//!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner sends its result rows, which the
+//!   master assembles in vertex order. A partition whose owner is the master's own node runs in
+//!   the same process over channels: no stream, no copy of the partition.
+//! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async
+//!   thread), sends each reader exactly the halo values it needs on a `STREAM_KIND_HALO_EXCHANGE`
+//!   stream (one long-lived stream per reader and epoch, one frame per superstep), and reports
+//!   its partials to the master.
+//!
+//! Because every owner runs the same [`PartitionState`](quiver_compute::kernels::superstep::PartitionState)
+//! steps as the single-process run and the master combines partials in exact arithmetic, the
+//! result is bit-identical to `quiver run` for any number of nodes and any placement.
+//!
+//! # Invariants
+//!
+//! - Everything is keyed by `(job, epoch)`: halo frames and job streams of another epoch never
+//!   reach a running owner (their mailbox is a different one, dropped with [`JobRuntime::drop_job`]).
+//! - Halo buffering is bounded by the protocol: an owner sends iterate `s` only after the master's
+//!   `Go(s)`, which needs every owner's partials of `s − 1`, so at most two iterates per source are
+//!   ever queued; frames beyond that are refused.
+//! - Every array index a kernel uses on a received partition is checked first ([`wire`]).
+
+pub mod master;
+mod owner;
+pub mod wire;
+
+use std::sync::{Arc, Mutex};
+
+use dashmap::DashMap;
+use quiver_compute::Segment;
+use quiver_proto::peer::{HaloMeta, StreamHeader, StreamKind, frame_header};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::transport::{ErrorCode, InboundStream, NodeId, OutFrame, PeerSendStream, Transport};
+use crate::workers::Workers;
+
+pub use master::{MasterJob, MasterOutput, StepReport, run_master};
+pub use wire::{KernelSpec, OwnedPart};
+
+/// A job's identity on the wire: the job id and the epoch of its assignment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobKey {
+    pub job: u64,
+    pub epoch: u64,
+}
+
+/// Halo values of one superstep from one owner partition.
+#[derive(Debug)]
+pub struct Halo {
+    pub from: u32,
+    pub superstep: u64,
+    pub values: Segment<f32>,
+}
+
+struct Mailbox {
+    tx: mpsc::UnboundedSender<Halo>,
+    rx: Mutex<Option<mpsc::UnboundedReceiver<Halo>>>,
+}
+
+impl Mailbox {
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        Self { tx, rx: Mutex::new(Some(rx)) }
+    }
+}
+
+/// The node's executor state: halo mailboxes, running owners, the transport and the workers.
+pub struct JobRuntime {
+    transport: Transport,
+    workers: Workers,
+    mailboxes: DashMap<(JobKey, u32), Mailbox>,
+    owners: DashMap<(JobKey, u32), AbortHandle>,
+    /// Owner tasks alive on this node (local and remote partitions).
+    active: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts an owner task while it lives (also when it is aborted mid-await).
+pub(crate) struct ActiveOwner(Arc<JobRuntime>);
+
+impl ActiveOwner {
+    pub(crate) fn new(rt: &Arc<JobRuntime>) -> Self {
+        rt.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(rt.clone())
+    }
+}
+
+impl Drop for ActiveOwner {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for JobRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRuntime").field("owners", &self.owners.len()).finish()
+    }
+}
+
+impl JobRuntime {
+    pub fn new(transport: Transport, workers: Workers) -> Arc<Self> {
+        Arc::new(Self {
+            transport,
+            workers,
+            mailboxes: DashMap::new(),
+            owners: DashMap::new(),
+            active: std::sync::atomic::AtomicUsize::new(0),
+        })
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.transport.node_id()
+    }
+
+    /// The worker pools.
+    pub fn workers(&self) -> &Workers {
+        &self.workers
+    }
+
+    /// Partitions this node currently computes, over all jobs.
+    pub fn running_partitions(&self) -> usize {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stops every owner of `job` whose epoch is not `keep` and drops their halo mailboxes (all
+    /// of them when `keep` is `None`): cancellation, completion, or a new epoch. Memory of a
+    /// partition is freed when its owner's task ends (a step already on a worker finishes first).
+    pub fn drop_job(&self, job: u64, keep: Option<u64>) {
+        let stale = |k: &JobKey| k.job == job && Some(k.epoch) != keep;
+        self.owners.retain(|(k, _), handle| {
+            if stale(k) {
+                handle.abort();
+                false
+            } else {
+                true
+            }
+        });
+        self.mailboxes.retain(|(k, _), _| !stale(k));
+    }
+
+    /// Jobs with any state on this node (owners or mailboxes).
+    pub fn jobs(&self) -> Vec<u64> {
+        let mut j: Vec<u64> = self.owners.iter().map(|e| e.key().0.job).collect();
+        j.extend(self.mailboxes.iter().map(|e| e.key().0.job));
+        j.sort_unstable();
+        j.dedup();
+        j
+    }
+
+    /// Hands a halo to the owner of `to` (on this node), whether or not it has started yet.
+    fn deliver(&self, key: JobKey, to: u32, halo: Halo) {
+        let mb = self.mailboxes.entry((key, to)).or_insert_with(Mailbox::new);
+        let _ = mb.tx.send(halo);
+    }
+
+    /// The receiving end of partition `part`'s mailbox (once).
+    fn take_mailbox(&self, key: JobKey, part: u32) -> Option<mpsc::UnboundedReceiver<Halo>> {
+        let mb = self.mailboxes.entry((key, part)).or_insert_with(Mailbox::new);
+        mb.rx.lock().expect("mailbox lock").take()
+    }
+
+    /// Serves a `STREAM_KIND_JOB` or `STREAM_KIND_HALO_EXCHANGE` stream a peer opened. Returns
+    /// when the stream ends; errors are logged and reported to the peer, never panics.
+    pub async fn handle_stream(self: &Arc<Self>, s: InboundStream) {
+        match s.kind {
+            StreamKind::Job => owner::serve_remote(self.clone(), s).await,
+            StreamKind::HaloExchange => self.receive_halos(s).await,
+            other => {
+                let mut s = s;
+                s.recv.reject(ErrorCode::Refused, &format_args!("{other:?} is not a job stream"));
+            }
+        }
+    }
+
+    async fn receive_halos(&self, mut s: InboundStream) {
+        let key = JobKey { job: s.header.job_id, epoch: s.header.epoch };
+        let to = s.header.partition;
+        loop {
+            let frame = match s.recv.recv_frame().await {
+                Ok(Some(f)) => f,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(peer = %s.peer, job = key.job, error = %e, "halo stream ended");
+                    return;
+                }
+            };
+            let checked = match &frame.header.meta {
+                Some(frame_header::Meta::Halo(m)) if m.to_partition == to && frame.segment_count() == 1 => frame
+                    .segment::<f32>(0)
+                    .map(|values| (m.from_partition, m.superstep, values))
+                    .map_err(|e| e.to_string()),
+                _ => Err(format!("a halo frame for partition {to} must carry halo metadata for it and one segment")),
+            };
+            match checked {
+                Ok((from, superstep, values)) => self.deliver(key, to, Halo { from, superstep, values }),
+                Err(reason) => {
+                    s.recv.reject(ErrorCode::Malformed, &reason);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Sends one owner's halos of one superstep: in memory to partitions on this node, as one frame
+/// on the reader's long-lived halo stream otherwise (opened on first use).
+pub(crate) struct HaloSender {
+    rt: Arc<JobRuntime>,
+    key: JobKey,
+    from: u32,
+    owners: Vec<NodeId>,
+    streams: std::collections::HashMap<u32, PeerSendStream>,
+}
+
+impl HaloSender {
+    pub(crate) fn new(rt: Arc<JobRuntime>, key: JobKey, from: u32, owners: Vec<NodeId>) -> Self {
+        Self { rt, key, from, owners, streams: Default::default() }
+    }
+
+    pub(crate) async fn send(
+        &mut self,
+        superstep: u64,
+        width: u32,
+        halos: Vec<(u32, Segment<f32>)>,
+    ) -> Result<(), String> {
+        let me = self.rt.node();
+        for (to, values) in halos {
+            let node = *self.owners.get(to as usize).ok_or_else(|| format!("no owner for partition {to}"))?;
+            if node == me {
+                self.rt.deliver(self.key, to, Halo { from: self.from, superstep, values });
+                continue;
+            }
+            if !self.streams.contains_key(&to) {
+                let header = StreamHeader {
+                    kind: StreamKind::HaloExchange as i32,
+                    job_id: self.key.job,
+                    epoch: self.key.epoch,
+                    partition: to,
+                    superstep,
+                    ..Default::default()
+                };
+                let conn = self.rt.transport.connection(node).await.map_err(|e| format!("halo to {node}: {e}"))?;
+                let stream = conn.open_uni(header).await.map_err(|e| format!("halo to {node}: {e}"))?;
+                self.streams.insert(to, stream);
+            }
+            let meta = HaloMeta { from_partition: self.from, to_partition: to, superstep, width };
+            let mut frame = OutFrame::new(Some(frame_header::Meta::Halo(meta)));
+            frame.push("halo", &values);
+            let stream = self.streams.get_mut(&to).expect("opened above");
+            stream.send_frame(&frame).await.map_err(|e| format!("halo to {node}: {e}"))?;
+            metrics::counter!("quiver_job_halo_bytes_sent_total").increment(values.as_bytes().len() as u64);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn finish(&mut self) {
+        for s in self.streams.values_mut() {
+            let _ = s.finish();
+        }
+    }
+}

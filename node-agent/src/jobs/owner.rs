@@ -1,0 +1,394 @@
+//! A partition owner: steps its rows on the workers, exchanges halos, reports partials.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use quiver_compute::Segment;
+use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState};
+use quiver_compute::kernels::{Appnp, Normalization};
+use quiver_compute::partition::{LocalGraph, Mirror};
+use quiver_proto::peer::{JobMessage, job_message};
+use tokio::sync::mpsc;
+
+use super::wire::{OwnedPart, partials_to_wire};
+use super::{HaloSender, JobKey, JobRuntime, KernelSpec};
+use crate::transport::{InboundStream, NodeId, OutFrame};
+
+/// What the master tells an owner.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ToOwner {
+    /// Compute superstep `step` from the current iterate, whose combined mass is `mass`.
+    Go { step: u32, mass: f64 },
+    /// Stop and send the result rows.
+    Finish,
+}
+
+/// An owner's result rows, wherever they came from.
+#[derive(Debug)]
+pub(crate) enum Rows {
+    Local(Vec<f32>),
+    Received(Segment<f32>),
+}
+
+impl Rows {
+    pub(crate) fn as_slice(&self) -> &[f32] {
+        match self {
+            Rows::Local(v) => v,
+            Rows::Received(s) => s,
+        }
+    }
+}
+
+/// What an owner tells the master.
+#[derive(Debug)]
+pub(crate) enum ToMaster {
+    Partials { step: u32, partials: Partials, compute_seconds: f64 },
+    Result(Rows),
+    Failed(String),
+}
+
+/// APPNP owning its partition's feature rows, so an owner task can hold it across awaits.
+struct OwnedAppnp {
+    alpha: f32,
+    normalization: Normalization,
+    dim: usize,
+    base: u32,
+    features: Segment<f32>,
+}
+
+impl OwnedAppnp {
+    fn view(&self) -> Appnp<'_> {
+        Appnp {
+            alpha: self.alpha,
+            normalization: self.normalization,
+            features: &self.features,
+            dim: self.dim,
+            base: self.base,
+        }
+    }
+}
+
+type AppnpPrepared = <Appnp<'static> as Kernel>::Prepared;
+
+impl Kernel for OwnedAppnp {
+    type Prepared = AppnpPrepared;
+
+    fn width(&self) -> usize {
+        self.dim
+    }
+
+    fn prepare(&self, g: &LocalGraph) -> AppnpPrepared {
+        self.view().prepare(g)
+    }
+
+    fn aux_len(&self, g: &LocalGraph) -> usize {
+        self.view().aux_len(g)
+    }
+
+    fn init(&self, g: &LocalGraph, prep: &AppnpPrepared, x: &mut [f32], aux: &mut Vec<f32>) -> Partials {
+        self.view().init(g, prep, x, aux)
+    }
+
+    fn step(
+        &self,
+        g: &LocalGraph,
+        prep: &AppnpPrepared,
+        globals: &Globals,
+        x: &[f32],
+        next: &mut [f32],
+        aux: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) -> Partials {
+        self.view().step(g, prep, globals, x, next, aux, scratch)
+    }
+
+    fn finish(&self, x: Vec<f32>, aux: Vec<f32>) -> Vec<f32> {
+        self.view().finish(x, aux)
+    }
+}
+
+/// Runs one partition until the master says `Finish` (Ok) or something fails (reported to the
+/// master as `Failed`). Ends quietly when the master goes away.
+pub(crate) async fn run_owner(
+    rt: Arc<JobRuntime>,
+    key: JobKey,
+    part: OwnedPart,
+    spec: KernelSpec,
+    owners: Vec<NodeId>,
+    rx: mpsc::UnboundedReceiver<ToOwner>,
+    tx: mpsc::UnboundedSender<(u32, ToMaster)>,
+) {
+    let p = part.index;
+    let _active = super::ActiveOwner::new(&rt);
+    let result = match spec {
+        KernelSpec::PageRank(k) => owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await,
+        KernelSpec::Heat(k) => owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await,
+        KernelSpec::Appnp { alpha, normalization, dim } => match part.features.clone() {
+            Some(features) => {
+                let base = part.graph.first();
+                let k = OwnedAppnp { alpha, normalization, dim, base, features };
+                owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await
+            }
+            None => Err("appnp partition without features".to_string()),
+        },
+    };
+    if let Err(reason) = result {
+        let _ = tx.send((p, ToMaster::Failed(reason)));
+    }
+}
+
+/// Each reader's packed values of the current iterate.
+fn pack<P>(state: &PartitionState<P>, mirrors: &[Mirror]) -> Vec<(u32, Segment<f32>)> {
+    mirrors.iter().map(|m| (m.reader as u32, state.pack_mirror_segment(m))).collect()
+}
+
+async fn owner_loop<K>(
+    rt: Arc<JobRuntime>,
+    key: JobKey,
+    kernel: Arc<K>,
+    part: OwnedPart,
+    owners: Vec<NodeId>,
+    mut rx: mpsc::UnboundedReceiver<ToOwner>,
+    tx: &mpsc::UnboundedSender<(u32, ToMaster)>,
+) -> Result<(), String>
+where
+    K: Kernel + Send + Sync + 'static,
+    K::Prepared: 'static,
+{
+    let part = Arc::new(part);
+    let p = part.index;
+    let numa = p as usize;
+    let width = kernel.width();
+    let mailbox = rt.take_mailbox(key, p).ok_or_else(|| format!("partition {p} is already running here"))?;
+    let mut inbox = Inbox::new(mailbox, &part, width);
+    let mut halos = HaloSender::new(rt.clone(), key, p, owners);
+    let workers = rt.workers().clone();
+
+    // The state is created on the worker that will step it, so its memory is first touched there.
+    let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
+    let (mut state, init, out) = workers
+        .run(numa, move || {
+            let (state, init) = PartitionState::new(&*k, &pt.graph);
+            let out = pack(&state, &pt.mirrors);
+            (state, init, out)
+        })
+        .await
+        .map_err(|e| format!("partition {p}: {e}"))?;
+    let secs = t.elapsed().as_secs_f64();
+    halos.send(0, width as u32, out).await?;
+    tx.send((p, ToMaster::Partials { step: 0, partials: init, compute_seconds: secs }))
+        .map_err(|_| "master gone".to_string())?;
+
+    loop {
+        match rx.recv().await {
+            Some(ToOwner::Go { step, mass }) => {
+                let incoming = inbox.collect(u64::from(step) - 1).await?;
+                let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
+                let (next, partials, out) = workers
+                    .run(numa, move || {
+                        let mut state = state;
+                        for (source, values) in incoming {
+                            state.unpack_halo(&pt.halo_sources[source], &values);
+                        }
+                        let partials = state.step(&*k, &pt.graph, &Globals { mass, step });
+                        let out = pack(&state, &pt.mirrors);
+                        (state, partials, out)
+                    })
+                    .await
+                    .map_err(|e| format!("partition {p}, superstep {step}: {e}"))?;
+                state = next;
+                let secs = t.elapsed().as_secs_f64();
+                metrics::histogram!("quiver_job_superstep_seconds").record(secs);
+                halos.send(u64::from(step), width as u32, out).await?;
+                tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
+                    .map_err(|_| "master gone".to_string())?;
+            }
+            Some(ToOwner::Finish) => {
+                halos.finish();
+                let k = kernel.clone();
+                let values = workers
+                    .run(numa, move || state.into_result(&*k))
+                    .await
+                    .map_err(|e| format!("partition {p}: {e}"))?;
+                let _ = tx.send((p, ToMaster::Result(Rows::Local(values))));
+                return Ok(());
+            }
+            None => return Err("the job master went away".into()),
+        }
+    }
+}
+
+/// Collects each halo source's values for one superstep from the partition's mailbox, checking
+/// sender, length and superstep before anything is unpacked.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<super::Halo>,
+    /// (owner partition, values expected) per halo source, in source order.
+    sources: Vec<(u32, usize)>,
+    pending: BTreeMap<(u64, u32), Segment<f32>>,
+}
+
+impl Inbox {
+    fn new(rx: mpsc::UnboundedReceiver<super::Halo>, part: &OwnedPart, width: usize) -> Self {
+        let sources = part
+            .halo_sources
+            .iter()
+            .map(|s| (s.owner as u32, (s.slots.end - s.slots.start) as usize * width))
+            .collect();
+        Self { rx, sources, pending: BTreeMap::new() }
+    }
+
+    async fn collect(&mut self, superstep: u64) -> Result<Vec<(usize, Segment<f32>)>, String> {
+        loop {
+            if self.sources.iter().all(|(o, _)| self.pending.contains_key(&(superstep, *o))) {
+                let mut out = Vec::with_capacity(self.sources.len());
+                for (i, (o, _)) in self.sources.iter().enumerate() {
+                    out.push((i, self.pending.remove(&(superstep, *o)).expect("checked above")));
+                }
+                return Ok(out);
+            }
+            let h = self.rx.recv().await.ok_or("the job was dropped on this node")?;
+            let Some(&(_, want)) = self.sources.iter().find(|(o, _)| *o == h.from) else {
+                return Err(format!("a halo came from partition {}, which this partition does not read", h.from));
+            };
+            if h.values.len() != want {
+                return Err(format!(
+                    "the halo from partition {} has {} values, expected {want}",
+                    h.from,
+                    h.values.len()
+                ));
+            }
+            if h.superstep < superstep {
+                continue;
+            }
+            if h.superstep > superstep + 1 {
+                return Err(format!("a halo for superstep {} arrived while at superstep {superstep}", h.superstep));
+            }
+            if self.pending.insert((h.superstep, h.from), h.values).is_some() {
+                return Err(format!("partition {} sent superstep {} twice", h.from, h.superstep));
+            }
+        }
+    }
+}
+
+/// Serves a job stream the master opened: receive and check the partition and plan, run the
+/// owner, and relay messages both ways until the result is sent or either side gives up.
+pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
+    let key = JobKey { job: s.header.job_id, epoch: s.header.epoch };
+    let Some(mut send) = s.send.take() else { return };
+    let peer = s.peer;
+    let setup = async {
+        let frame =
+            s.recv.recv_frame().await.map_err(|e| e.to_string())?.ok_or("the stream ended before the partition")?;
+        let part = OwnedPart::from_frame(&frame)?;
+        let plan = match s.recv.recv_message::<JobMessage>().await.map_err(|e| e.to_string())? {
+            Some(JobMessage { body: Some(job_message::Body::Plan(plan)) }) => plan,
+            _ => return Err("expected the job plan after the partition".to_string()),
+        };
+        let spec = KernelSpec::from_plan(&plan)?;
+        let owners: Vec<NodeId> = plan.owners.iter().map(|&n| NodeId(n)).collect();
+        part.check(owners.len(), spec.width(), matches!(spec, KernelSpec::Appnp { .. }))?;
+        if part.index != s.header.partition {
+            return Err(format!("the stream is for partition {}, the frame for {}", s.header.partition, part.index));
+        }
+        if owners[part.index as usize] != rt.node() {
+            return Err(format!(
+                "partition {} is assigned to {}, not this node",
+                part.index, owners[part.index as usize]
+            ));
+        }
+        Ok((part, spec, owners))
+    };
+    let (part, spec, owners) = match setup.await {
+        Ok(x) => x,
+        Err(reason) => {
+            tracing::warn!(%peer, job = key.job, epoch = key.epoch, %reason, "refused a partition");
+            let _ = send.send_message(&JobMessage { body: Some(job_message::Body::Abort(reason)) }).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let p = part.index;
+    tracing::debug!(%peer, job = key.job, epoch = key.epoch, partition = p, "running a partition");
+    let (to_owner, owner_rx) = mpsc::unbounded_channel();
+    let (owner_tx, mut from_owner) = mpsc::unbounded_channel();
+    let owner = tokio::spawn(run_owner(rt.clone(), key, part, spec, owners, owner_rx, owner_tx));
+    rt.owners.insert((key, p), owner.abort_handle());
+
+    // Reads are not cancel-safe, so the reader is its own task feeding a channel.
+    let (msg_tx, mut msgs) = mpsc::unbounded_channel();
+    let mut recv = s.recv;
+    let reader = tokio::spawn(async move {
+        loop {
+            match recv.recv_message::<JobMessage>().await {
+                Ok(Some(m)) => {
+                    if msg_tx.send(m).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+    loop {
+        tokio::select! {
+            m = msgs.recv() => match m.and_then(|m| m.body) {
+                Some(job_message::Body::Go(g)) => {
+                    let _ = to_owner.send(ToOwner::Go { step: g.step, mass: g.mass });
+                }
+                Some(job_message::Body::Finish(_)) => {
+                    let _ = to_owner.send(ToOwner::Finish);
+                }
+                Some(job_message::Body::Abort(reason)) => {
+                    tracing::info!(%peer, job = key.job, partition = p, %reason, "job master aborted");
+                    owner.abort();
+                    break;
+                }
+                Some(_) => {
+                    let _ = send.send_message(&abort("unexpected message from the master")).await;
+                    owner.abort();
+                    break;
+                }
+                None => {
+                    // The master closed the stream or vanished: stop computing.
+                    owner.abort();
+                    break;
+                }
+            },
+            out = from_owner.recv() => match out {
+                Some((_, ToMaster::Partials { step, partials, compute_seconds })) => {
+                    let m = JobMessage { body: Some(job_message::Body::Partials(partials_to_wire(step, partials, compute_seconds))) };
+                    if send.send_message(&m).await.is_err() {
+                        owner.abort();
+                        break;
+                    }
+                }
+                Some((_, ToMaster::Result(rows))) => {
+                    let values = Segment::from_slice(rows.as_slice());
+                    drop(rows);
+                    let mut frame = OutFrame::new(None);
+                    frame.push("result", &values).set_last(true);
+                    let follows = JobMessage { body: Some(job_message::Body::ResultFollows(true)) };
+                    if send.send_message(&follows).await.is_ok() && send.send_frame(&frame).await.is_ok() {
+                        let _ = send.finish();
+                        let _ = send.stopped().await;
+                    }
+                    break;
+                }
+                Some((_, ToMaster::Failed(reason))) => {
+                    tracing::warn!(job = key.job, partition = p, %reason, "partition failed");
+                    let _ = send.send_message(&abort(&reason)).await;
+                    let _ = send.finish();
+                    break;
+                }
+                None => break,
+            },
+        }
+    }
+    reader.abort();
+    rt.owners.remove(&(key, p));
+}
+
+fn abort(reason: &str) -> JobMessage {
+    JobMessage { body: Some(job_message::Body::Abort(reason.to_string())) }
+}

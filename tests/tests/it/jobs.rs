@@ -1,0 +1,136 @@
+//! Distributed jobs on three real `quiver agent` processes, spoken to only through the CLI:
+//! results equal to `quiver run` bit for bit for every algorithm on 1, 2 and 3 nodes, upload and
+//! by-path submits, watch, result download, cancel, and bad input that leaves the cluster serving.
+
+use std::time::Duration;
+
+use quiver_tests::agents::{LocalCluster, wait_for};
+use quiver_tests::bin::quiver;
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(20);
+const CONVERGE: Duration = Duration::from_secs(15);
+
+fn formed_cluster() -> LocalCluster {
+    let mut c = LocalCluster::new(&["j1", "j2", "j3"]);
+    c.agents[0].start(&["--bootstrap"]);
+    c.agents[0].wait_ready(READY);
+    let seed = c.agents[0].peer_addr();
+    c.agents[1].start(&["--join", &seed]);
+    c.agents[2].start(&["--join", &seed]);
+    c.agents[1].wait_ready(READY);
+    c.agents[2].wait_ready(READY);
+    wait_for("three alive members", CONVERGE, || {
+        let r = c.cli(0, &["members"]);
+        let v = r.json();
+        let alive = v.as_array().into_iter().flatten().filter(|m| m["state"] == "alive").count();
+        if alive == 3 { Ok(()) } else { Err(v.to_string()) }
+    });
+    c
+}
+
+/// `quiver run --json`'s result digest for the same graph and parameters.
+fn reference(c: &LocalCluster, graph: &str, algo: &[&str]) -> String {
+    let mut args = vec!["run", "--graph", graph, "--json"];
+    args.extend_from_slice(algo);
+    let v = quiver(c.dir.path(), &args).json();
+    v["result_digest"].as_str().expect("digest").to_string()
+}
+
+fn submit_wait(c: &LocalCluster, node: usize, args: &[&str]) -> Value {
+    let mut all = vec!["submit"];
+    all.extend_from_slice(args);
+    all.push("--wait");
+    let r = c.cli(node, &all);
+    assert!(r.status.success(), "submit {args:?} failed: {}\n{}", r.stderr, c.logs());
+    r.json()
+}
+
+#[test]
+fn distributed_jobs_match_quiver_run_and_bad_input_leaves_the_cluster_serving() {
+    let c = formed_cluster();
+    let dir = c.dir.path();
+    let g = dir.join("k.qcsr").display().to_string();
+    quiver(dir, &["graph", "generate", "kronecker", "--scale", "10", "--seed", "3", "--out", &g]).ok();
+    let el = dir.join("k.el").display().to_string();
+    quiver(dir, &["graph", "convert", &g, &el]).ok();
+
+    let algos: [&[&str]; 4] = [
+        &["--algo", "pagerank", "--iterations", "15"],
+        &["--algo", "ppr", "--seeds", "1,17,300", "--tolerance", "1e-7", "--max-iterations", "60"],
+        &["--algo", "heat", "--seeds", "5", "--t", "3", "--iterations", "12"],
+        &["--algo", "appnp", "--feature-dim", "8", "--alpha", "0.15", "--iterations", "6"],
+    ];
+    let mut last = 0;
+    for (i, algo) in algos.iter().enumerate() {
+        let want = reference(&c, &g, algo);
+        for parts in ["1", "2", "3"] {
+            // Alternate the node that takes the submit, and upload vs. by-path.
+            let node = (i + parts.len() + last) % 3;
+            let mut args = vec![if parts == "2" { el.as_str() } else { g.as_str() }, "--partitions", parts];
+            if parts == "3" {
+                args.push("--by-path");
+            }
+            args.extend_from_slice(algo);
+            let v = submit_wait(&c, node, &args);
+            assert_eq!(v["state"], "succeeded", "{v}");
+            assert_eq!(v["result_digest"], want.as_str(), "{algo:?} on {parts} partitions: {v}");
+            last = v["id"].as_u64().unwrap() as usize;
+        }
+    }
+
+    // The result downloads from any node and equals `quiver run --out` byte for byte.
+    let id = last.to_string();
+    let mine = dir.join("mine.npy");
+    let mut run = vec!["run", "--graph", g.as_str(), "--out", mine.to_str().unwrap()];
+    run.extend_from_slice(algos[3]);
+    quiver(dir, &run).ok();
+    for node in 0..3 {
+        let out = dir.join(format!("result-{node}.npy"));
+        c.cli(node, &["result", &id, "--out", out.to_str().unwrap()]).ok();
+        assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&mine).unwrap(), "result via node {node}");
+    }
+    let w = c.cli(1, &["job", "watch", &id]);
+    assert!(w.status.success(), "{}", w.stderr);
+    assert_eq!(w.json()["state"], "succeeded");
+
+    // Bad input: clear errors naming the field, nothing recorded.
+    let bad = dir.join("bad.el");
+    std::fs::write(&bad, "0 1\n1 two\n").unwrap();
+    let e = c.cli(0, &["submit", bad.to_str().unwrap(), "--algo", "pagerank"]).err().to_string();
+    assert!(e.contains("InvalidArgument") && e.contains("graph") && e.contains("line 2"), "{e}");
+    let e = c.cli(1, &["submit", &g, "--algo", "ppr", "--seeds", "99999"]).err().to_string();
+    assert!(e.contains("InvalidArgument") && e.contains("params.seeds") && e.contains("99999"), "{e}");
+    let feats = dir.join("feats.npy");
+    quiver(dir, &["run", "--graph", &el, "--algo", "pagerank", "--iterations", "1", "--out", feats.to_str().unwrap()])
+        .ok();
+    let e = c
+        .cli(2, &["submit", &g, "--algo", "appnp", "--features", feats.to_str().unwrap(), "--iterations", "2"])
+        .err()
+        .to_string();
+    assert!(e.contains("InvalidArgument") && e.contains("params.features_path"), "{e}");
+
+    // Cancel: a long job stops on every node; watch reports it; the cluster runs the next job.
+    let r = c.cli(0, &["submit", &g, "--algo", "pagerank", "--iterations", "1000000", "--partitions", "3"]);
+    let long = r.json()["id"].as_u64().expect("id").to_string();
+    wait_for("the long job running", CONVERGE, || {
+        let v = c.cli(0, &["job", "get", &long]).json();
+        if v["state"] == "running" && v["superstep"].as_u64().unwrap_or(0) > 0 { Ok(()) } else { Err(v.to_string()) }
+    });
+    c.cli(2, &["job", "cancel", &long]).ok();
+    let w = c.cli(1, &["job", "watch", &long]);
+    assert!(!w.status.success() && w.stderr.contains("cancelled"), "{}", w.stderr);
+    wait_for("every node dropped the cancelled job's partitions", CONVERGE, || {
+        let busy: Vec<usize> = (0..3)
+            .filter(|&i| {
+                let (_, m) = c.agents[i].http_get("/metrics").unwrap_or_default();
+                m.lines().any(|l| l.starts_with("quiver_job_partitions_running") && !l.ends_with(" 0"))
+            })
+            .collect();
+        if busy.is_empty() { Ok(()) } else { Err(format!("nodes {busy:?} still run partitions")) }
+    });
+    let mut again = vec![g.as_str()];
+    again.extend_from_slice(algos[0]);
+    let v = submit_wait(&c, 2, &again);
+    assert_eq!(v["result_digest"], reference(&c, &g, algos[0]).as_str());
+}
