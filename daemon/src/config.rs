@@ -56,7 +56,8 @@ pub struct AgentArgs {
     /// Start a new single-node cluster.
     #[arg(long, env = "QUIVER_BOOTSTRAP", conflicts_with_all = ["bootstrap_expect", "join"])]
     pub bootstrap: bool,
-    /// Start a new cluster once N nodes (this one included) have joined.
+    /// Start a new cluster of N nodes: agents started with the same N find each other through
+    /// --join (list the others' peer addresses), and bootstrap together once all N agree.
     #[arg(long, env = "QUIVER_BOOTSTRAP_EXPECT", value_name = "N")]
     pub bootstrap_expect: Option<u32>,
     /// Join an existing cluster through any member's peer address (comma-separated seeds).

@@ -32,7 +32,7 @@ use quiver_coordinator::{
     BootstrapError, CoordinatorCore, CoreConfig, DiskStore, DiskStoreConfig, LogStore, MemberInfo, bootstrap,
 };
 use quiver_node_agent::transport::{NodeIdentity, Transport, TransportConfig};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{AgentArgs, AgentConfig, LogFormat, Membership};
 use crate::http::{self, Health};
@@ -67,13 +67,41 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// The process's metrics recorder, installed by the first agent of the process (agents that
+/// `quiver demo` runs side by side share it).
 fn init_metrics() -> Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
     let latency = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
-    PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency)
         .context("configuring metrics buckets")?
         .install_recorder()
-        .context("installing the metrics recorder")
+        .context("installing the metrics recorder")?;
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// What an agent embedded in another command (`quiver demo`) is given instead of signals.
+pub struct Embedded {
+    /// Set to `true` to stop the agent gracefully (as SIGTERM does).
+    pub shutdown: watch::Receiver<bool>,
+    /// Receives the bound addresses once the agent listens.
+    pub started: oneshot::Sender<Bound>,
+}
+
+/// The addresses an agent listens on.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub peer: std::net::SocketAddr,
+    pub grpc: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+}
+
+/// Runs an agent inside the current tokio runtime until `embedded.shutdown` turns true.
+pub async fn run_embedded(cfg: AgentConfig, embedded: Embedded) -> Result<()> {
+    run_with(cfg, Some(embedded)).await
 }
 
 /// Everything the non-loop tasks share: how to reach the loop, the latest view, the transport.
@@ -95,6 +123,10 @@ pub struct Shared {
 }
 
 async fn run(cfg: AgentConfig) -> Result<()> {
+    run_with(cfg, None).await
+}
+
+async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
     let metrics = init_metrics()?;
     if !cfg.tls_dir.join(quiver_node_agent::transport::tls::NODE_CERT_FILE).exists()
         && cfg.tls_dir.join(crate::tls::CLIENT_CERT_FILE).exists()
@@ -221,7 +253,21 @@ async fn run(cfg: AgentConfig) -> Result<()> {
     });
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc_task = tokio::spawn(grpc::serve(shared.clone(), &cfg.tls_dir, grpc_listener, grpc_stop_rx)?);
-    spawn_signals(events_tx.clone());
+    match embedded {
+        None => spawn_signals(events_tx.clone()),
+        Some(Embedded { mut shutdown, started }) => {
+            let _ = started.send(Bound { peer: peer_local, grpc: grpc_local, http: http_local });
+            let events = events_tx.clone();
+            tokio::spawn(async move {
+                while !*shutdown.borrow_and_update() {
+                    if shutdown.changed().await.is_err() {
+                        break;
+                    }
+                }
+                let _ = events.send(Event::Shutdown).await;
+            });
+        }
+    }
     if let Some(seeds) = join_seeds {
         let shared = shared.clone();
         let me = me.clone();
