@@ -44,6 +44,7 @@
 
 mod codec;
 mod core;
+pub mod failpoints;
 mod rng;
 pub mod scheduler;
 pub mod state;

@@ -208,6 +208,53 @@ pub enum Op {
     Fail { job: JobId, epoch: u64, reason: String },
     /// A client cancelled a job.
     Cancel { job: JobId },
+    /// Records a token (join or API). `now_unix` (the proposer's clock) prunes expired tokens.
+    AddToken { id: String, token: Token, now_unix: u64 },
+    /// Spends one use of a join token: refused when unknown, of another purpose, wrong secret,
+    /// expired at `now_unix` (the proposer's clock), or used up; a replayed token is refused.
+    UseToken { id: String, secret_hash: Digest, purpose: TokenPurpose, now_unix: u64 },
+}
+
+/// What a token lets its holder do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenPurpose {
+    /// Join the cluster once and receive a node certificate.
+    Join,
+    /// Call the gRPC API (as `authorization: Bearer …`) until it expires.
+    Api,
+}
+
+/// A token the cluster knows: only the SHA-256 of its secret is replicated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub purpose: TokenPurpose,
+    pub secret_hash: Digest,
+    /// Unix seconds after which the token is refused.
+    pub expires_unix: u64,
+    /// Uses left; `None` for unlimited (API tokens).
+    pub uses_left: Option<u32>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TokenRefusal {
+    Unknown,
+    WrongSecret,
+    WrongPurpose,
+    Expired,
+    AlreadyUsed,
+}
+
+impl std::fmt::Display for TokenRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TokenRefusal::Unknown => "unknown to the cluster",
+            TokenRefusal::WrongSecret => "the secret does not match",
+            TokenRefusal::WrongPurpose => "it is not meant for this use",
+            TokenRefusal::Expired => "it has expired",
+            TokenRefusal::AlreadyUsed => "it was already used (join tokens are single-use)",
+        })
+    }
 }
 
 /// The result of applying a command, returned to the client that proposed it.
@@ -250,6 +297,12 @@ pub enum Rejection {
     /// The retry is older than the deduplication window, so its outcome is forgotten.
     #[error("request {seq} of client {client} is older than the deduplication window")]
     StaleRequest { client: u64, seq: u64 },
+    /// A token was refused.
+    #[error("token {id} refused: {reason}")]
+    Token { id: String, reason: TokenRefusal },
+    /// A token id is taken.
+    #[error("token {0} already exists")]
+    TokenExists(String),
 }
 
 /// The replicated state.
@@ -263,6 +316,8 @@ pub struct ClusterState {
     sessions: BTreeMap<u64, Session>,
     /// Log index of the last applied entry.
     pub applied_index: u64,
+    /// Join and API tokens by id (secrets only as hashes).
+    pub tokens: BTreeMap<String, Token>,
 }
 
 /// The outcomes of one client's recent requests.
@@ -476,7 +531,56 @@ impl ClusterState {
                 j.state = JobState::Cancelled;
                 Ok(Outcome::Done)
             }
+            Op::AddToken { id, token, now_unix } => {
+                self.prune_tokens(*now_unix);
+                if self.tokens.contains_key(id) {
+                    return Err(Rejection::TokenExists(id.clone()));
+                }
+                self.tokens.insert(id.clone(), token.clone());
+                Ok(Outcome::Done)
+            }
+            Op::UseToken { id, secret_hash, purpose, now_unix } => {
+                let refuse = |reason| Rejection::Token { id: id.clone(), reason };
+                let t = self.tokens.get_mut(id).ok_or_else(|| refuse(TokenRefusal::Unknown))?;
+                if t.secret_hash != *secret_hash {
+                    return Err(refuse(TokenRefusal::WrongSecret));
+                }
+                if t.purpose != *purpose {
+                    return Err(refuse(TokenRefusal::WrongPurpose));
+                }
+                if *now_unix >= t.expires_unix {
+                    return Err(refuse(TokenRefusal::Expired));
+                }
+                match &mut t.uses_left {
+                    Some(0) => return Err(refuse(TokenRefusal::AlreadyUsed)),
+                    Some(n) => *n -= 1,
+                    None => {}
+                }
+                Ok(Outcome::Done)
+            }
         }
+    }
+
+    /// Forgets tokens that expired more than a day before `now_unix` (kept that long so a late
+    /// use is refused as expired rather than unknown).
+    fn prune_tokens(&mut self, now_unix: u64) {
+        self.tokens.retain(|_, t| t.expires_unix.saturating_add(86_400) > now_unix);
+    }
+
+    /// Checks an API token's secret against the replicated state at wall-clock `now_unix`
+    /// (read-only: API tokens are not spent).
+    pub fn check_api_token(&self, id: &str, secret_hash: &Digest, now_unix: u64) -> Result<(), TokenRefusal> {
+        let t = self.tokens.get(id).ok_or(TokenRefusal::Unknown)?;
+        if t.secret_hash != *secret_hash {
+            return Err(TokenRefusal::WrongSecret);
+        }
+        if t.purpose != TokenPurpose::Api {
+            return Err(TokenRefusal::WrongPurpose);
+        }
+        if now_unix >= t.expires_unix {
+            return Err(TokenRefusal::Expired);
+        }
+        Ok(())
     }
 
     /// Partitions of running jobs owned by `node` stay recorded (the epoch fences them) but the job
@@ -566,6 +670,31 @@ mod tests {
             s.apply(6, &cmd(1, 4, Op::Assign { job: 3, expected_epoch: 0, assignment: [(0, 1), (1, 2)].into() }));
         assert_eq!(down.outcome, Outcome::Rejected(Rejection::AssignedToUnavailable { job: 3, partition: 1, node: 2 }));
         assert_eq!(s.jobs_needing_placement().count(), 1);
+    }
+
+    #[test]
+    fn join_tokens_are_single_use_and_expire() {
+        let mut s = ClusterState::default();
+        let token = Token { purpose: TokenPurpose::Join, secret_hash: [7; 32], expires_unix: 100, uses_left: Some(1) };
+        let add = |id: &str| Op::AddToken { id: id.into(), token: token.clone(), now_unix: 10 };
+        assert_eq!(s.apply(1, &cmd(1, 1, add("a"))).outcome, Outcome::Done);
+        assert_eq!(s.apply(2, &cmd(1, 2, add("a"))).outcome, Outcome::Rejected(Rejection::TokenExists("a".into())));
+        let use_ = |secret: u8, purpose, now_unix| Op::UseToken {
+            id: "a".into(),
+            secret_hash: [secret; 32],
+            purpose,
+            now_unix,
+        };
+        let refused = |reason| Outcome::Rejected(Rejection::Token { id: "a".into(), reason });
+        assert_eq!(s.apply(3, &cmd(1, 3, use_(8, TokenPurpose::Join, 20))).outcome, refused(TokenRefusal::WrongSecret));
+        assert_eq!(s.apply(4, &cmd(1, 4, use_(7, TokenPurpose::Api, 20))).outcome, refused(TokenRefusal::WrongPurpose));
+        assert_eq!(s.apply(5, &cmd(1, 5, use_(7, TokenPurpose::Join, 100))).outcome, refused(TokenRefusal::Expired));
+        assert_eq!(s.apply(6, &cmd(1, 6, use_(7, TokenPurpose::Join, 20))).outcome, Outcome::Done);
+        assert_eq!(s.apply(7, &cmd(2, 1, use_(7, TokenPurpose::Join, 21))).outcome, refused(TokenRefusal::AlreadyUsed));
+        assert_eq!(s.check_api_token("a", &[7; 32], 20), Err(TokenRefusal::WrongPurpose));
+        // Expired tokens are forgotten a day later, when the next token is added.
+        s.apply(8, &cmd(1, 7, Op::AddToken { id: "b".into(), token: token.clone(), now_unix: 100 + 86_400 }));
+        assert!(!s.tokens.contains_key("a"));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct SubmitArgs {
     /// Upload chunk size in bytes (the server refuses messages above 4 MiB).
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub chunk_bytes: usize,
+    /// Checkpoint every K supersteps (0: about once a second of superstep time).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u32,
     /// Do not upload: the graph path is read by the node that takes the submit.
     #[arg(long)]
     pub by_path: bool,
@@ -357,7 +360,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         format: format as i32,
         graph_path,
         partitions: args.partitions,
-        checkpoint_every: 0,
+        checkpoint_every: args.checkpoint_every,
         client_id: client_id(),
         client_seq: 1,
         holder: 0,

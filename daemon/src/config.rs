@@ -63,6 +63,10 @@ pub struct AgentArgs {
     /// Join an existing cluster through any member's peer address (comma-separated seeds).
     #[arg(long, env = "QUIVER_JOIN", value_delimiter = ',', value_name = "SEED")]
     pub join: Vec<String>,
+    /// A join token (`quiver token create`): with --join and no node certificate in --tls-dir,
+    /// the seed signs one for this node (the token pins the cluster CA by hash).
+    #[arg(long = "token", env = "QUIVER_JOIN_TOKEN", value_name = "TOKEN")]
+    pub join_token: Option<String>,
     /// Give up joining after this many seconds.
     #[arg(long, env = "QUIVER_JOIN_TIMEOUT_SECS")]
     pub join_timeout_secs: Option<u64>,
@@ -80,6 +84,11 @@ pub struct AgentArgs {
     /// (default: 4 × worker threads; 0 offers every request).
     #[arg(long, env = "QUIVER_SERVE_FORWARD_THRESHOLD", value_name = "N")]
     pub serve_forward_threshold: Option<usize>,
+    /// For chaos drills only: put the fault-injecting socket under the peer transport and serve
+    /// `POST /chaos/net` (drop, delay, duplicate, reorder, partition) on the HTTP port. Costs
+    /// UDP segmentation offload; never use it in production.
+    #[arg(long, env = "QUIVER_FAULT_INJECTION")]
+    pub fault_injection: bool,
 }
 
 /// The same options as they appear in `quiver.toml`.
@@ -96,11 +105,13 @@ struct FileConfig {
     bootstrap: Option<bool>,
     bootstrap_expect: Option<u32>,
     join: Option<Vec<String>>,
+    join_token: Option<String>,
     join_timeout_secs: Option<u64>,
     log_format: Option<LogFormat>,
     worker_threads: Option<usize>,
     serve_queue_limit: Option<usize>,
     serve_forward_threshold: Option<usize>,
+    fault_injection: Option<bool>,
 }
 
 /// How this node enters a cluster.
@@ -128,6 +139,8 @@ pub struct AgentConfig {
     pub tls_dir: PathBuf,
     pub node_name: String,
     pub membership: Membership,
+    /// `--token`: used once, when the TLS directory has no node certificate yet.
+    pub join_token: Option<String>,
     pub join_timeout: Duration,
     pub log_format: LogFormat,
     /// `None`: one worker per usable CPU.
@@ -135,6 +148,8 @@ pub struct AgentConfig {
     /// `None`: the serving defaults for the worker count (`agent::serve::ServeConfig::defaults`).
     pub serve_queue_limit: Option<usize>,
     pub serve_forward_threshold: Option<usize>,
+    /// `--fault-injection`: the chaos layer under the transport and its HTTP control.
+    pub fault_injection: bool,
 }
 
 /// A configuration value that does not validate; names the option and the reason.
@@ -251,7 +266,12 @@ impl AgentArgs {
         if serve_queue_limit == Some(0) {
             return Err(invalid("--serve-queue-limit", "must be at least 1"));
         }
+        let join_token = self.join_token.or(file.join_token);
+        if join_token.is_some() && !matches!(membership, Membership::Join { .. }) {
+            return Err(invalid("--token", "a join token needs --join SEED (and no --bootstrap)"));
+        }
         Ok(AgentConfig {
+            join_token,
             worker_threads,
             serve_queue_limit,
             serve_forward_threshold: self.serve_forward_threshold.or(file.serve_forward_threshold),
@@ -265,6 +285,7 @@ impl AgentArgs {
             membership,
             join_timeout: Duration::from_secs(join_timeout_secs),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            fault_injection: self.fault_injection || file.fault_injection.unwrap_or(false),
         })
     }
 }

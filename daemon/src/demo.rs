@@ -19,8 +19,8 @@ use quiver_node_agent::transport::{CertificateAuthority, Validity};
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
-    GetJobRequest, GraphFormat, JobSpec, JobState, Kernel, KernelParams, MembersRequest, StatusRequest,
-    SubmitRequest, WatchJobRequest, submit_request,
+    GetJobRequest, GraphFormat, JobSpec, JobState, Kernel, KernelParams, MembersRequest, StatusRequest, SubmitRequest,
+    WatchJobRequest, submit_request,
 };
 use tokio::sync::{oneshot, watch};
 
@@ -133,7 +133,12 @@ async fn demo(a: DemoArgs) -> Result<()> {
                 ..Default::default()
             },
             Params {
-                algorithm: Algorithm::Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim },
+                algorithm: Algorithm::Appnp {
+                    alpha: 0.1,
+                    normalization: Normalization::Symmetric,
+                    features: &features,
+                    dim,
+                },
                 stop: Stop::iterations(10),
             },
         ),
@@ -216,7 +221,10 @@ fn make_pki(root: &Path, nodes: usize) -> Result<std::path::PathBuf> {
     use quiver_node_agent::transport::tls::{CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE};
     for name in NAMES.iter().take(nodes) {
         let (cert, key, _) = crate::tls::sign(ca.cert_pem(), ca.key_pem(), name, false, 1)?;
-        write(&root.join(name).join("tls"), &[(CA_CERT_FILE, ca.cert_pem()), (NODE_CERT_FILE, &cert), (NODE_KEY_FILE, &key)])?;
+        write(
+            &root.join(name).join("tls"),
+            &[(CA_CERT_FILE, ca.cert_pem()), (NODE_CERT_FILE, &cert), (NODE_KEY_FILE, &key)],
+        )?;
     }
     let (cert, key, _) = crate::tls::sign(ca.cert_pem(), ca.key_pem(), "demo", true, 1)?;
     let client = root.join("client");

@@ -40,11 +40,14 @@ struct AppState {
     metrics: PrometheusHandle,
 }
 
-/// Binds the HTTP listener (so a bad address fails start-up, not later) and returns the server future.
+/// Binds the HTTP listener (so a bad address fails start-up, not later) and returns the server
+/// future; `extra` routes are served beside the health and metrics pages (the agent's chaos
+/// controls, when enabled; otherwise empty).
 pub async fn bind(
     addr: SocketAddr,
     health: Arc<Health>,
     metrics: PrometheusHandle,
+    extra: Router,
 ) -> std::io::Result<(SocketAddr, impl Future<Output = std::io::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
@@ -52,7 +55,8 @@ pub async fn bind(
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(AppState { health, metrics });
+        .with_state(AppState { health, metrics })
+        .merge(extra);
     Ok((local, async move { axum::serve(listener, app).await }))
 }
 

@@ -4,14 +4,17 @@
 
 mod agent;
 mod bench;
+mod chaos;
 mod client;
 mod config;
 mod demo;
 mod graph;
 mod http;
+mod probe;
 mod run;
 mod sys;
 mod tls;
+mod token;
 
 use std::process::ExitCode;
 
@@ -36,6 +39,9 @@ enum Cli {
     /// Certificates: the cluster CA, node and client certificates.
     #[command(subcommand)]
     Tls(tls::TlsCmd),
+    /// Join and API tokens, minted by a running agent.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
     /// List the cluster's members.
     Members(client::Conn),
     /// Show this node's view of the cluster (leader, term, readiness).
@@ -49,6 +55,11 @@ enum Cli {
     Job(client::JobCmd),
     /// Remove a member from the cluster.
     Leave(client::LeaveArgs),
+    /// Failover drills on a local cluster of this binary: inject a fault, check the verdicts.
+    #[command(subcommand)]
+    Chaos(chaos::ChaosCmd),
+    /// Probe an agent's /healthz (or /readyz with --ready): exit 0 when it answers 200.
+    Health(probe::HealthArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,12 +80,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Cli::Bench(b) => bench::run(b),
         Cli::Agent(a) => agent::main(a),
         Cli::Tls(t) => tls::run(t),
+        Cli::Token(t) => token::run(t),
         Cli::Members(c) => client::members(c),
         Cli::Status(c) => client::status(c),
         Cli::Submit(s) => client::submit(s),
         Cli::Job(j) => client::job(j),
         Cli::Result(r) => client::result(r),
         Cli::Leave(l) => client::leave(l),
+        Cli::Chaos(c) => chaos::run(c),
+        Cli::Health(h) => probe::run(h),
     }
 }
 

@@ -54,6 +54,10 @@ pub enum CaCmd {
         /// Overwrite an existing CA in DIR.
         #[arg(long)]
         force: bool,
+        /// Succeed without touching DIR when it already holds a CA (for init containers that
+        /// run on every start, as in deploy/compose.yaml).
+        #[arg(long, conflicts_with = "force")]
+        if_missing: bool,
     },
 }
 
@@ -92,8 +96,12 @@ pub fn node_id_for(name: &str) -> u64 {
 
 pub fn run(cmd: TlsCmd) -> Result<()> {
     match cmd {
-        TlsCmd::Ca(CaCmd::Create { out, name, days, force }) => {
+        TlsCmd::Ca(CaCmd::Create { out, name, days, force, if_missing }) => {
             let cert_path = out.join(CA_CERT_FILE);
+            if cert_path.exists() && if_missing {
+                println!("{}", json!({ "ca": cert_path, "existing": true }));
+                return Ok(());
+            }
             if cert_path.exists() && !force {
                 bail!("{}: a CA already exists there (use --force to replace it)", cert_path.display());
             }
@@ -134,11 +142,26 @@ pub fn sign(
     client: bool,
     days: u64,
 ) -> Result<(String, String, Option<u64>)> {
+    let issuer = issuer(ca_cert_pem, ca_key_pem)?;
+    let (params, id) = cert_params(name, client, days)?;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer).context("signing the certificate")?;
+    Ok((cert.pem(), key.serialize_pem(), id))
+}
+
+/// The CA as an rcgen issuer, from its PEM certificate and key.
+pub fn issuer(ca_cert_pem: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let ca_key = KeyPair::from_pem(ca_key_pem).context("reading the CA key")?;
     let ca_der = CertificateDer::from_pem_slice(ca_cert_pem.as_bytes()).context("reading the CA certificate")?;
-    let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key).context("reading the CA certificate")?;
+    Issuer::from_ca_cert_der(&ca_der, ca_key).context("reading the CA certificate")
+}
+
+/// What a node (or client) certificate for `name` says: names, usages and validity. The same
+/// for certificates made here and for those signed from a joining node's CSR (which only
+/// contributes its public key).
+pub fn cert_params(name: &str, client: bool, days: u64) -> Result<(CertificateParams, Option<u64>)> {
     let validity = Validity::days(days);
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -147,6 +170,7 @@ pub fn sign(
     params.not_before = validity.not_before.into();
     params.not_after = validity.not_after.into();
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.serial_number = Some(random_serial());
     let id = if client {
         params.subject_alt_names = vec![SanType::URI(format!("quiver://client/{name}").try_into()?)];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -161,12 +185,18 @@ pub fn sign(
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         Some(id)
     };
-    let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer).context("signing the certificate")?;
-    Ok((cert.pem(), key.serialize_pem(), id))
+    Ok((params, id))
 }
 
-fn validate_name(name: &str) -> Result<()> {
+/// A random positive 16-byte serial number, so a renewed certificate is told apart from the old one.
+fn random_serial() -> rcgen::SerialNumber {
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b[0] &= 0x7f;
+    rcgen::SerialNumber::from_slice(&b)
+}
+
+pub(crate) fn validate_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
@@ -176,11 +206,11 @@ fn validate_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn read(path: &Path) -> Result<String> {
+pub(crate) fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
+pub(crate) fn write(path: &Path, text: &str, secret: bool) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
     if secret {
         use std::os::unix::fs::PermissionsExt;

@@ -39,6 +39,7 @@
 //! ```
 
 pub mod bench;
+pub mod failpoints;
 pub mod jobs;
 pub mod transport;
 pub mod workers;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quiver_compute::kernels::{self, Algorithm, Normalization, Params, Stop};
 use quiver_compute::{Csr, Segment, generate};
-use quiver_node_agent::jobs::{JobKey, JobRuntime, KernelSpec, MasterJob, run_master};
+use quiver_node_agent::jobs::{Checkpoint, JobKey, JobRuntime, KernelSpec, MasterJob, run_master};
 use quiver_node_agent::transport::*;
 use quiver_node_agent::workers::{Topology, Workers};
 
@@ -46,6 +46,23 @@ fn cluster(n: u64) -> Vec<Node> {
     nodes
 }
 
+/// Connects every pair once, lower id dialling, and waits until both ends see it: jobs then
+/// never race a simultaneous dial (whose losing connection is closed with its streams).
+async fn connected(nodes: &[Node]) {
+    tokio::time::timeout(DEADLINE, async {
+        for (i, a) in nodes.iter().enumerate() {
+            for b in &nodes[i + 1..] {
+                a.transport.connection(b.transport.node_id()).await.unwrap();
+            }
+        }
+        while nodes.iter().any(|n| n.transport.connected_peers().len() != nodes.len() - 1) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the cluster connected in time");
+}
+
 fn spec_of(g: &Csr, params: &Params<'_>) -> (KernelSpec, Option<Segment<f32>>) {
     match kernels::build(g.vertices(), params).unwrap() {
         kernels::Built::PageRank(k) => (KernelSpec::PageRank(k), None),
@@ -67,9 +84,12 @@ async fn distributed(nodes: &[Node], g: &Arc<Csr>, params: &Params<'_>, owners: 
         features,
         stop: params.stop,
         owners: owners.iter().map(|&o| NodeId(o)).collect(),
+        checkpoint_every: None,
+        checkpoint_seconds: 0.0,
+        resume: None,
     };
     let mut steps = 0;
-    let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, |_| steps += 1))
+    let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, None, |_| steps += 1))
         .await
         .expect("job finished in time")
         .expect("job succeeded");
@@ -84,6 +104,7 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kernel_matches_the_single_process_run_on_any_placement() {
     let nodes = cluster(3);
+    connected(&nodes).await;
     let g = Arc::new(generate::kronecker(9, 8, 5).unwrap());
     let features = generate::features(g.vertices(), 4, 3);
     let seeds = [3u32, 77, 200];
@@ -131,10 +152,112 @@ async fn an_owner_that_is_gone_fails_the_job_with_a_reason() {
         features,
         stop: params.stop,
         owners: vec![NodeId(1), NodeId(2)],
+        checkpoint_every: None,
+        checkpoint_seconds: 0.0,
+        resume: None,
     };
-    let err = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, |_| {}))
+    let err = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, None, |_| {}))
         .await
         .expect("the failure is reported in time")
         .unwrap_err();
-    assert!(err.contains("partition 1"), "{err}");
+    assert!(err.reason.contains("partition 1") && err.retryable, "{err:?}");
+}
+
+/// Checkpoints every 3 supersteps, then resumes from each of them on another placement (the
+/// recovery path after losing a node): every resumed run ends with the undisturbed run's bits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical() {
+    let nodes = cluster(3);
+    connected(&nodes).await;
+    let g = Arc::new(generate::kronecker(9, 8, 2).unwrap());
+    let features = generate::features(g.vertices(), 3, 9);
+    let seeds = [4u32, 40];
+    let cases = [
+        Params {
+            algorithm: Algorithm::PersonalizedPageRank { damping: 0.85, seeds: &seeds },
+            stop: Stop::iterations(10),
+        },
+        Params {
+            algorithm: Algorithm::Appnp {
+                alpha: 0.2,
+                normalization: Normalization::RandomWalk,
+                features: &features,
+                dim: 3,
+            },
+            stop: Stop::iterations(8),
+        },
+    ];
+    for (job, params) in cases.iter().enumerate() {
+        let reference = kernels::run(&g, params, 1).unwrap().values;
+        let (kernel, features) = spec_of(&g, params);
+        let base = MasterJob {
+            key: JobKey { job: 100 + job as u64, epoch: 1 },
+            graph: g.clone(),
+            graph_digest: [1; 32],
+            kernel,
+            features,
+            stop: params.stop,
+            owners: vec![NodeId(1), NodeId(2), NodeId(3)],
+            checkpoint_every: Some(3),
+            checkpoint_seconds: 0.0,
+            resume: None,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), base.clone(), Some(tx), |_| {}))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(bits(&out.values), bits(&reference));
+        let mut taken: Vec<Checkpoint> = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            taken.push(c);
+        }
+        let every_third: Vec<u32> = (3..=params.stop.max_iterations).step_by(3).collect();
+        assert_eq!(taken.iter().map(|c| c.step).collect::<Vec<_>>(), every_third);
+        for (i, c) in taken.into_iter().enumerate() {
+            let mut resumed = base.clone();
+            resumed.key.epoch = 2 + i as u64;
+            resumed.owners = vec![NodeId(2), NodeId(2), NodeId(1)];
+            resumed.resume = Some(c);
+            let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), resumed, None, |_| {}))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(bits(&out.values), bits(&reference), "{} resumed (checkpoint {i})", params.algorithm.name());
+            assert_eq!(out.iterations, params.stop.max_iterations);
+        }
+    }
+}
+
+/// A job stream or halo of an epoch older than the node's record is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_epoch_is_refused() {
+    let nodes = cluster(2);
+    connected(&nodes).await;
+    let g = Arc::new(generate::kronecker(7, 8, 1).unwrap());
+    let params = Params { algorithm: Algorithm::PageRank { damping: 0.85 }, stop: Stop::iterations(3) };
+    nodes[1].rt.set_epoch(5, 4);
+    let (kernel, features) = spec_of(&g, &params);
+    let mj = MasterJob {
+        key: JobKey { job: 5, epoch: 3 },
+        graph: g.clone(),
+        graph_digest: [0; 32],
+        kernel,
+        features,
+        stop: params.stop,
+        owners: vec![NodeId(1), NodeId(2)],
+        checkpoint_every: None,
+        checkpoint_seconds: 0.0,
+        resume: None,
+    };
+    let err = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj.clone(), None, |_| {}))
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.reason.contains("stale"), "{err:?}");
+    let mut current = mj;
+    current.key.epoch = 4;
+    let out =
+        tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), current, None, |_| {})).await.unwrap().unwrap();
+    assert_eq!(bits(&out.values), bits(&kernels::run(&g, &params, 1).unwrap().values));
 }

@@ -86,6 +86,30 @@ impl Agent {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends SIGHUP (reload the certificates).
+    pub fn sighup(&self) {
+        let pid = self.pid().unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = Command::new("kill").args(["-HUP", &pid.to_string()]).status().expect("running kill");
+        assert!(status.success(), "kill -HUP {pid} failed");
+    }
+
+    /// Waits (bounded) for the process to exit by itself; its exit status.
+    #[track_caller]
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let c = self.child.as_mut().unwrap_or_else(|| panic!("{} is not running", self.name));
+            if let Some(s) = c.try_wait().expect("waiting for the agent") {
+                self.child = None;
+                return s;
+            }
+            if Instant::now() >= deadline {
+                panic!("{} did not exit within {within:?}\n{}", self.name, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the process is running.
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
@@ -118,11 +142,34 @@ impl Agent {
         }
     }
 
+    /// SIGSTOP: the process stalls (every thread, sockets left open) until [`Self::cont`].
+    pub fn stop(&self) {
+        self.signal("STOP");
+    }
+
+    /// SIGCONT after [`Self::stop`].
+    pub fn cont(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
+        let pid = self.pid().unwrap_or_else(|| panic!("{} is not running", self.name));
+        let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().expect("running kill");
+        assert!(status.success(), "kill -{name} {pid} failed");
+    }
+
     /// An HTTP GET on the agent's HTTP port: (status code, body).
     pub fn http_get(&self, path: &str) -> Result<(u16, String), String> {
+        self.http("GET", path, "")
+    }
+
+    /// An HTTP request with `body` on the agent's HTTP port (`POST /chaos/net`, `PUT
+    /// /chaos/failpoints/NAME`): (status code, body).
+    pub fn http(&self, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
         let mut s = TcpStream::connect(("127.0.0.1", self.http_port)).map_err(|e| e.to_string())?;
         s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
-        write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").map_err(|e| e.to_string())?;
+        write!(s, "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n{body}", body.len())
+            .map_err(|e| e.to_string())?;
         let mut text = String::new();
         s.read_to_string(&mut text).map_err(|e| e.to_string())?;
         let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or("no status line")?;
@@ -212,6 +259,29 @@ impl LocalCluster {
             })
             .collect();
         LocalCluster { dir, bin, client_tls, agents }
+    }
+
+    /// The cluster CA's directory (`ca.pem`, `ca.key`).
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// Adds an agent (not started) whose TLS directory is empty: it joins with a token, or a
+    /// test puts other certificates there. Returns its index.
+    pub fn add_agent_without_cert(&mut self, name: &str) -> usize {
+        let data_dir = self.dir.path().join(name);
+        self.agents.push(Agent {
+            name: name.to_string(),
+            log: self.dir.path().join(format!("{name}.log")),
+            tls_dir: data_dir.join("tls"),
+            data_dir,
+            peer_port: free_port(),
+            grpc_port: free_port(),
+            http_port: free_port(),
+            bin: self.bin.clone(),
+            child: None,
+        });
+        self.agents.len() - 1
     }
 
     /// Runs a client command against agent `i` (`--addr`, `--tls-dir` and `--output json` added).

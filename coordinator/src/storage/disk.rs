@@ -180,6 +180,10 @@ impl LogStore for DiskStore {
         if let Some(snap) = &batch.checkpoint {
             lb.put(GROUP, KEY_SNAPSHOT.to_vec(), encode(snap)?).map_err(engine_err)?;
         }
+        if batch.snapshot.is_some() || batch.checkpoint.is_some() {
+            // Chaos drills: a fault with the snapshot encoded but not yet written.
+            fail::fail_point!(crate::failpoints::RAFT_SNAPSHOT, |_| Err(StoreError::Failed { dir: dir.clone() }));
+        }
         // The mirror learns the new bounds by applying the batch; should the write then fail, the
         // store refuses all further writes (the driver must restart the node from disk).
         let old_bounds = cache.bounds();

@@ -104,6 +104,8 @@ pub struct EventLoop {
     peers: BTreeMap<u64, String>,
     published: Option<(CoreStatus, u64)>,
     shutdown_since: Option<Instant>,
+    /// `DATA_DIR/leaders.log`, when set: see [`EventLoop::with_leaders_log`].
+    leaders_log: Option<std::path::PathBuf>,
 }
 
 impl EventLoop {
@@ -130,6 +132,32 @@ impl EventLoop {
             peers: BTreeMap::new(),
             published: None,
             shutdown_since: None,
+            leaders_log: None,
+        }
+    }
+
+    /// Appends a line `TERM LEADER_ID UNIX_MS` to `path` each time this node sees a new leader
+    /// (not when it loses one): the node's own record that the chaos drills check for at most one
+    /// leader per term. Not fsynced; a crash may lose the last lines, never invent one.
+    pub fn with_leaders_log(mut self, path: std::path::PathBuf) -> Self {
+        self.leaders_log = Some(path);
+        self
+    }
+
+    fn record_leader(&self, leader: u64) {
+        let Some(path) = &self.leaders_log else { return };
+        if leader == 0 {
+            return;
+        }
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+        let line = format!("{} {leader} {ms}\n", self.core.term());
+        let written = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "cannot append to the leaders log");
         }
     }
 
@@ -233,10 +261,16 @@ impl EventLoop {
             }
             if !fx.persist.is_empty() {
                 let start = Instant::now();
+                // Chaos drills (`failpoints` feature): a failed or crashed write around the fsync.
+                fail::fail_point!(quiver_node_agent::failpoints::RAFT_PERSIST_BEFORE, |_| Err(anyhow!(
+                    "writing the raft log: injected fsync failure (failpoint {})",
+                    quiver_node_agent::failpoints::RAFT_PERSIST_BEFORE
+                )));
                 // Synchronous on purpose: nothing below may happen before the log is durable, and
                 // the core must not be touched concurrently. A failed write leaves the disk state
                 // unknown, so the node stops rather than vote or acknowledge on a guess.
                 self.store.persist(&fx.persist).context("writing the raft log")?;
+                fail::fail_point!(quiver_node_agent::failpoints::RAFT_PERSIST_AFTER);
                 metrics::histogram!("quiver_raft_persist_seconds").record(start.elapsed().as_secs_f64());
             }
             for m in fx.messages_after_persist {
@@ -258,6 +292,7 @@ impl EventLoop {
             if let Some(leader) = fx.leader_changed {
                 metrics::counter!("quiver_raft_leader_changes_total").increment(1);
                 tracing::info!(leader, term = self.core.term(), "leader changed");
+                self.record_leader(leader);
                 if leader != self.me.id {
                     self.fail_pending("leadership moved to another node");
                 }

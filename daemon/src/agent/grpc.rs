@@ -2,7 +2,7 @@
 //! `grpc.health.v1` and server reflection.
 //!
 //! TLS with the node's certificate; callers must present a certificate from the cluster CA
-//! (client or node). Reads are answered from this node's published [`View`]; writes go through
+//! (client or node) or an API token ([`super::auth`] checks every call). Reads are answered from this node's published [`View`]; writes go through
 //! Raft ([`peer::propose`]: locally on the leader, forwarded over QUIC otherwise). Handlers never
 //! touch the coordinator core.
 
@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use prost::Message as _;
 use quiver_coordinator::state::{Job as CoreJob, JobSpec as CoreSpec, JobState as CoreJobState, Liveness, Role};
 use quiver_coordinator::{Command, MemberInfo, Op, Outcome, RequestId};
-use quiver_node_agent::transport::tls::{CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE, node_id_of};
+use quiver_node_agent::transport::tls::node_id_of;
 use quiver_proto::control::cluster_server::{Cluster, ClusterServer};
 use quiver_proto::control::jobs_server::{Jobs, JobsServer};
 use quiver_proto::control::{
@@ -26,8 +26,7 @@ use quiver_proto::control::{
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
-use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::names::decode_control_addr;
@@ -44,17 +43,11 @@ const WRITE_WITHIN: Duration = Duration::from_secs(5);
 /// Builds the server (TLS, services, limits) and returns the future that serves until `stop`.
 pub fn serve(
     shared: Shared,
-    tls_dir: &Path,
+    tls: std::sync::Arc<super::auth::GrpcTls>,
     listener: TcpListener,
     stop: oneshot::Receiver<()>,
 ) -> Result<impl Future<Output = ()> + use<>> {
-    let read = |name: &str| {
-        let p = tls_dir.join(name);
-        std::fs::read(&p).with_context(|| format!("reading {}", p.display()))
-    };
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(read(NODE_CERT_FILE)?, read(NODE_KEY_FILE)?))
-        .client_ca_root(Certificate::from_pem(read(CA_CERT_FILE)?));
+    let authenticate = super::auth::authenticate(shared.view.clone());
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(quiver_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -73,8 +66,7 @@ pub fn serve(
     let router = Server::builder()
         .initial_stream_window_size(Some(1 << 20))
         .initial_connection_window_size(Some(16 << 20))
-        .tls_config(tls)
-        .context("configuring gRPC TLS")?
+        .layer(tonic::service::InterceptorLayer::new(authenticate))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(cluster)
@@ -86,7 +78,7 @@ pub fn serve(
         health
             .set_serving::<quiver_proto::control::diffusion_server::DiffusionServer<super::serve::DiffusionSvc>>()
             .await;
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = super::auth::incoming(listener, tls);
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop.await;
@@ -205,6 +197,18 @@ impl Cluster for ClusterSvc {
 
     async fn promote(&self, _: Request<PromoteRequest>) -> Result<Response<PromoteResponse>, Status> {
         Err(Status::unimplemented("promote: voters are chosen by the autopilot; manual promotion is not supported"))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<quiver_proto::control::CreateTokenRequest>,
+    ) -> Result<Response<quiver_proto::control::CreateTokenResponse>, Status> {
+        // Tokens are minted by certificate holders only: an API token cannot mint more tokens.
+        if !req.peer_certs().is_some_and(|c| !c.is_empty()) {
+            return Err(Status::permission_denied("create token: the caller must present a client certificate"));
+        }
+        let r = req.into_inner();
+        crate::token::create(&self.shared, r.ttl_secs, r.api).await.map(Response::new)
     }
 }
 

@@ -25,12 +25,15 @@ use std::time::Duration;
 
 use prost::Message as _;
 use quiver_compute::formats::{read_npy, write_npy};
+use quiver_compute::kernels::superstep::{ExactSum, Partials};
 use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
 use quiver_compute::{Csr, Format, ReadOptions, Segment, generate, read_graph_as};
 use quiver_coordinator::scheduler::{SpeedModel, place_job};
 use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, PartitionShape};
 use quiver_coordinator::{Command, Op, Outcome, RequestId};
-use quiver_node_agent::jobs::{JobKey, JobRuntime, KernelSpec, MasterJob, run_master};
+use quiver_node_agent::jobs::{
+    Checkpoint, JobKey, JobRuntime, KernelSpec, MasterError, MasterJob, Snapshot, run_master,
+};
 use quiver_node_agent::transport::NodeId;
 use quiver_proto::control::{GraphFormat, JobProgress, JobSpec, JobState, Kernel, KernelParams};
 use tokio::sync::watch;
@@ -53,6 +56,8 @@ pub struct JobsHost {
     graphs: Mutex<Vec<([u8; 32], Arc<Csr>)>>,
     progress: dashmap::DashMap<u64, watch::Sender<JobProgress>>,
     masters: Mutex<HashMap<u64, (u64, AbortHandle)>>,
+    /// New epochs taken per job after lost nodes (reset when it completes).
+    retries: Mutex<HashMap<u64, u32>>,
 }
 
 impl JobsHost {
@@ -64,6 +69,7 @@ impl JobsHost {
             graphs: Mutex::new(Vec::new()),
             progress: dashmap::DashMap::new(),
             masters: Mutex::new(HashMap::new()),
+            retries: Mutex::new(HashMap::new()),
         })
     }
 
@@ -294,9 +300,21 @@ fn schedule(shared: &Shared, state: &quiver_coordinator::ClusterState, placing: 
         if !placing.insert((job.id, job.epoch)) {
             continue;
         }
-        let op = match place_job(job, state, &SpeedModel::default()) {
-            Ok(assignment) => Op::Assign { job: job.id, expected_epoch: job.epoch, assignment },
-            Err(e) => Op::Fail { job: job.id, epoch: job.epoch, reason: format!("no placement: {e}") },
+        let holder = spec_of(job).map_or(0, |s| s.holder);
+        let op = if holder != 0 && !state.members.contains_key(&holder) {
+            // The graph (and the checkpoints) lived only there.
+            Op::Fail {
+                job: job.id,
+                epoch: job.epoch,
+                reason: format!(
+                    "node {holder}, which held the job's graph and checkpoints, left the cluster: its data is lost"
+                ),
+            }
+        } else {
+            match place_job(job, state, &SpeedModel::default()) {
+                Ok(assignment) => Op::Assign { job: job.id, expected_epoch: job.epoch, assignment },
+                Err(e) => Op::Fail { job: job.id, epoch: job.epoch, reason: format!("no placement: {e}") },
+            }
         };
         let shared = shared.clone();
         let key = (job.id, job.epoch);
@@ -328,10 +346,16 @@ fn reconcile(
             keep
         });
     }
+    for j in state.jobs.values().filter(|j| j.state == CoreJobState::Running) {
+        host.runtime.set_epoch(j.id, j.epoch);
+    }
     for job in host.runtime.jobs() {
         match state.jobs.get(&job) {
             Some(j) if j.state == CoreJobState::Running => host.runtime.drop_job(job, Some(j.epoch)),
-            _ => host.runtime.drop_job(job, None),
+            _ => {
+                host.runtime.drop_job(job, None);
+                host.runtime.forget(job);
+            }
         }
     }
     host.progress.retain(|job, _| state.jobs.get(job).is_some_and(|j| !j.state.is_terminal()));
@@ -370,24 +394,41 @@ fn progress_of(job: &CoreJob, state: JobState, superstep: u64, residual: f64) ->
     JobProgress { job_id: job.id, state: state as i32, superstep, residual, epoch: job.epoch }
 }
 
-/// Masters one epoch of a job and records how it ended.
+/// Masters one epoch of a job and records how it ended: `Complete`, `Fail`, or — when a node or
+/// link was lost — a new epoch (`Assign` with the lost partitions re-placed), whose master
+/// resumes from the last checkpoint.
 async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
     let host = shared.jobs.clone();
     let (ptx, _) = watch::channel(progress_of(&job, JobState::Running, 0, f64::INFINITY));
     host.progress.insert(job.id, ptx.clone());
-    tracing::info!(job = job.id, epoch = job.epoch, partitions = job.assignment.len(), "mastering job");
     let started = std::time::Instant::now();
+    let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, crx));
     let run = async {
-        let g = host.graph(&shared, &spec, Path::new(&spec.graph_path), job.graph_digest).await?;
+        let g = host.graph(&shared, &spec, Path::new(&spec.graph_path), job.graph_digest).await.map_err(fatal)?;
         let params = spec.params.clone().unwrap_or_default();
         let g2 = g.clone();
         let (kernel, features, stop) = shared
             .workers
             .run(0, move || kernel_of(&params, &g2))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|(field, reason)| format!("{field}: {reason}"))?;
-        let owners = job.assignment.values().map(|&n| NodeId(n)).collect();
+            .map_err(|e| fatal(e.to_string()))?
+            .map_err(|(field, reason)| fatal(format!("{field}: {reason}")))?;
+        let owners: Vec<NodeId> = job.assignment.values().map(|&n| NodeId(n)).collect();
+        let resume = match job.last_checkpoint {
+            Some(c) => load_checkpoint(&shared, job.id, c.superstep, owners.len()).await,
+            None => None,
+        };
+        tracing::info!(
+            job = job.id,
+            epoch = job.epoch,
+            partitions = owners.len(),
+            resume_from = resume.as_ref().map(|r| r.step),
+            "mastering job"
+        );
+        if let Some(r) = &resume {
+            ptx.send_replace(progress_of(&job, JobState::Running, u64::from(r.step), f64::from(r.partials.residual)));
+        }
         let mj = MasterJob {
             key: JobKey { job: job.id, epoch: job.epoch },
             graph: g.clone(),
@@ -396,8 +437,11 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
             features,
             stop,
             owners,
+            checkpoint_every: (spec.checkpoint_every > 0).then_some(spec.checkpoint_every),
+            checkpoint_seconds: CHECKPOINT_SECONDS,
+            resume,
         };
-        let out = run_master(host.runtime.clone(), mj, |r| {
+        let out = run_master(host.runtime.clone(), mj, Some(ctx), |r| {
             metrics::counter!("quiver_job_supersteps_total").increment(1);
             ptx.send_replace(progress_of(&job, JobState::Running, u64::from(r.step), f64::from(r.residual)));
         })
@@ -418,19 +462,60 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
                 Ok(crate::run::digest_bytes(&out.values))
             })
             .await
-            .map_err(|e| e.to_string())??;
-        Ok::<_, String>((digest, iterations))
+            .map_err(|e| fatal(e.to_string()))?
+            .map_err(fatal)?;
+        Ok::<_, MasterError>((digest, iterations))
     };
-    let op = match run.await {
+    let outcome = run.await;
+    // Let the last checkpoint reach the disk and the log before deciding what comes next.
+    let _ = store.await;
+    let op = match outcome {
         Ok((digest, iterations)) => {
             tracing::info!(job = job.id, iterations, seconds = started.elapsed().as_secs_f64(), "job finished");
             metrics::counter!("quiver_jobs_finished_total", "outcome" => "succeeded").increment(1);
+            host.retries.lock().expect("retries").remove(&job.id);
             Op::Complete { job: job.id, epoch: job.epoch, result_digest: digest }
         }
-        Err(reason) => {
-            tracing::warn!(job = job.id, %reason, "job failed");
+        Err(e) if e.retryable => {
+            let attempt = {
+                let mut r = host.retries.lock().expect("retries");
+                let a = r.entry(job.id).or_insert(0);
+                *a += 1;
+                *a
+            };
+            if attempt > MAX_EPOCH_RETRIES {
+                metrics::counter!("quiver_jobs_finished_total", "outcome" => "failed").increment(1);
+                Op::Fail {
+                    job: job.id,
+                    epoch: job.epoch,
+                    reason: format!("{} (gave up after {MAX_EPOCH_RETRIES} new epochs)", e.reason),
+                }
+            } else {
+                // Give liveness a moment to mark the lost node down, so the new placement avoids it.
+                let wait = Duration::from_millis(250u64 << attempt.min(3));
+                tracing::warn!(job = job.id, epoch = job.epoch, reason = %e.reason, attempt, "lost a partition; re-placing it in a new epoch");
+                metrics::counter!("quiver_job_recoveries_total").increment(1);
+                tokio::time::sleep(wait).await;
+                let v = shared.view.borrow().clone();
+                let Some(current) =
+                    v.state.jobs.get(&job.id).filter(|j| j.epoch == job.epoch && !j.state.is_terminal())
+                else {
+                    return;
+                };
+                match place_job(current, &v.state, &SpeedModel::default()) {
+                    Ok(assignment) => Op::Assign { job: job.id, expected_epoch: job.epoch, assignment },
+                    Err(p) => Op::Fail {
+                        job: job.id,
+                        epoch: job.epoch,
+                        reason: format!("{}; no new placement: {p}", e.reason),
+                    },
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(job = job.id, reason = %e.reason, "job failed");
             metrics::counter!("quiver_jobs_finished_total", "outcome" => "failed").increment(1);
-            Op::Fail { job: job.id, epoch: job.epoch, reason }
+            Op::Fail { job: job.id, epoch: job.epoch, reason: e.reason }
         }
     };
     let request = RequestId { client: shared.node_id, seq: unique_seq() };
@@ -443,6 +528,118 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
             }
             Ok(_) => return,
             Err(e) => tracing::warn!(job = job.id, error = %e, "recording the job's outcome; retrying"),
+        }
+    }
+}
+
+fn fatal(reason: impl Into<String>) -> MasterError {
+    MasterError { reason: reason.into(), retryable: false }
+}
+
+/// Superstep time between checkpoints when the job does not fix `checkpoint_every`.
+const CHECKPOINT_SECONDS: f64 = 1.0;
+/// New epochs a job may take after losing nodes before it fails.
+const MAX_EPOCH_RETRIES: u32 = 8;
+
+fn checkpoint_dir(shared: &Shared, job: u64, step: u32) -> PathBuf {
+    shared.data_dir.join("checkpoints").join(job.to_string()).join(step.to_string())
+}
+
+/// Writes each checkpoint to `DATA_DIR/checkpoints/JOB/STEP/` (one `.npy` per partition's values
+/// and private state, then `meta.json` last, atomically: a directory without it is incomplete),
+/// records it through Raft, and removes the job's older checkpoints.
+async fn store_checkpoints(
+    shared: Shared,
+    job: u64,
+    epoch: u64,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Checkpoint>,
+) {
+    while let Some(c) = rx.recv().await {
+        let dir = checkpoint_dir(&shared, job, c.step);
+        let step = c.step;
+        let t = std::time::Instant::now();
+        let written = shared
+            .workers
+            .run(0, move || -> Result<(), String> {
+                let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+                std::fs::create_dir_all(&dir).map_err(io)?;
+                for (i, part) in c.parts.iter().enumerate() {
+                    write_npy(dir.join(format!("p{i}.values.npy")), &[part.values.len()], &part.values)
+                        .map_err(|e| e.to_string())?;
+                    write_npy(dir.join(format!("p{i}.aux.npy")), &[part.aux.len()], &part.aux)
+                        .map_err(|e| e.to_string())?;
+                }
+                let meta = serde_json::json!({
+                    "step": c.step,
+                    "mass": c.partials.mass.0.to_string(),
+                    "residual_bits": c.partials.residual.to_bits(),
+                    "partitions": c.parts.len(),
+                });
+                let tmp = dir.join("meta.json.part");
+                std::fs::write(&tmp, meta.to_string()).map_err(io)?;
+                std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+                std::fs::rename(&tmp, dir.join("meta.json")).map_err(io)?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        if let Err(e) = written {
+            tracing::warn!(job, step, error = %e, "checkpoint not written; the job goes on without it");
+            continue;
+        }
+        metrics::histogram!("quiver_job_checkpoint_seconds").record(t.elapsed().as_secs_f64());
+        let cmd = Command {
+            request: RequestId { client: shared.node_id, seq: unique_seq() },
+            op: Op::Checkpoint { job, epoch, superstep: u64::from(step) },
+        };
+        if let Ok(Outcome::Done) = peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
+            let root = shared.data_dir.join("checkpoints").join(job.to_string());
+            if let Ok(entries) = std::fs::read_dir(&root) {
+                for e in entries.flatten() {
+                    if e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|s| s < step) {
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The checkpoint after `step`, if it is complete on this node's disk.
+async fn load_checkpoint(shared: &Shared, job: u64, step: u64, parts: usize) -> Option<Checkpoint> {
+    let step = u32::try_from(step).ok()?;
+    let dir = checkpoint_dir(shared, job, step);
+    let loaded = shared
+        .workers
+        .run(0, move || -> Result<Checkpoint, String> {
+            let meta: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(dir.join("meta.json")).map_err(|e| format!("{}: {e}", dir.display()))?,
+            )
+            .map_err(|e| e.to_string())?;
+            if meta["step"].as_u64() != Some(u64::from(step)) || meta["partitions"].as_u64() != Some(parts as u64) {
+                return Err(format!("{}: the checkpoint does not match the job's {parts} partitions", dir.display()));
+            }
+            let mass: i128 = meta["mass"].as_str().and_then(|m| m.parse().ok()).ok_or("meta.json: mass")?;
+            let residual = f32::from_bits(meta["residual_bits"].as_u64().ok_or("meta.json: residual")? as u32);
+            let mut snaps = Vec::with_capacity(parts);
+            for i in 0..parts {
+                let values = read_npy::<f32>(dir.join(format!("p{i}.values.npy"))).map_err(|e| e.to_string())?.data;
+                let aux = read_npy::<f32>(dir.join(format!("p{i}.aux.npy"))).map_err(|e| e.to_string())?.data;
+                snaps.push(Snapshot { values, aux });
+            }
+            Ok(Checkpoint { step, partials: Partials { mass: ExactSum(mass), residual }, parts: snaps })
+        })
+        .await;
+    match loaded {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) | Err(quiver_node_agent::workers::WorkerError::Panicked(e)) => {
+            tracing::warn!(job, step, error = %e, "checkpoint unusable; starting the job over");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(job, step, error = %e, "checkpoint unusable; starting the job over");
+            None
         }
     }
 }

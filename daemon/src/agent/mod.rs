@@ -14,7 +14,12 @@
 //! - [`expect`]: `--bootstrap-expect N`: find the other nodes, agree, bootstrap one cluster.
 //! - [`jobs`]: admission, placement and mastering of distributed jobs; results.
 //! - [`serve`]: the serving path (`Diffusion.Diffuse`) on the pinned worker pools.
+//! - [`auth`]: gRPC TLS and caller authentication (certificate or API token), SIGHUP reloads.
+//! - [`ui`]: the operator's web view (`/ui` on the HTTP port) and the JSON it polls.
+//! - [`chaos`]: fault-injection controls for the drills (only with `--fault-injection` / `failpoints`).
 
+pub mod auth;
+pub mod chaos;
 mod event_loop;
 pub mod expect;
 pub mod grpc;
@@ -22,6 +27,7 @@ pub mod jobs;
 pub mod names;
 mod peer;
 pub mod serve;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +45,16 @@ use crate::http::{self, Health};
 use crate::tls::node_id_for;
 
 pub use event_loop::{Event, ProposeReply, View};
+
+/// Records `cmd` through Raft (locally on the leader, forwarded otherwise, retried until
+/// `within`); the error says why it could not be recorded.
+pub async fn peer_propose(
+    shared: &Shared,
+    cmd: quiver_coordinator::Command,
+    within: Duration,
+) -> Result<quiver_coordinator::Outcome, String> {
+    peer::propose(shared, cmd, within).await.map_err(|e| e.to_string())
+}
 
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
 pub fn main(args: AgentArgs) -> Result<()> {
@@ -137,6 +153,15 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
             cfg.tls_dir.display()
         );
     }
+    if !cfg.tls_dir.join(quiver_node_agent::transport::tls::NODE_CERT_FILE).exists()
+        && let (Some(token), Membership::Join { seeds }) = (&cfg.join_token, &cfg.membership)
+    {
+        crate::token::fetch_node_certificate(&cfg.tls_dir, &cfg.node_name, seeds, token, cfg.join_timeout)
+            .await
+            .context("joining with --token")?;
+    } else if cfg.join_token.is_some() {
+        tracing::info!(tls_dir = %cfg.tls_dir.display(), "a node certificate exists; --token is not needed and is ignored");
+    }
     let identity = NodeIdentity::load_dir(&cfg.tls_dir).with_context(|| {
         format!(
             "loading the node identity from {} (make one with `quiver tls cert create --ca CA_DIR --name {} --out {}`)",
@@ -155,7 +180,12 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
             cfg.node_name
         );
     }
-    let transport_cfg = TransportConfig { bind: cfg.peer_addr, ..TransportConfig::default() };
+    chaos::init_failpoints()?;
+    let faults = cfg.fault_injection.then(|| {
+        tracing::warn!("--fault-injection: the peer transport runs on the fault-injecting socket");
+        quiver_node_agent::transport::fault::NetFaults::new(node_id)
+    });
+    let transport_cfg = TransportConfig { bind: cfg.peer_addr, faults: faults.clone(), ..TransportConfig::default() };
     let (transport, handles) = Transport::bind(transport_cfg, &identity).context("binding the peer (QUIC) port")?;
     let peer_local = transport.local_addr();
 
@@ -167,7 +197,9 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
 
     let health = Arc::new(Health::default());
     health.set_ready(false, "starting");
-    let (http_local, http_server) = http::bind(cfg.http_addr, health.clone(), metrics)
+    let ui_source = Arc::new(std::sync::OnceLock::new());
+    let http_routes = chaos::routes(faults).merge(ui::routes(ui_source.clone()));
+    let (http_local, http_server) = http::bind(cfg.http_addr, health.clone(), metrics, http_routes)
         .await
         .with_context(|| format!("binding --http-addr {}", cfg.http_addr))?;
     let grpc_listener = tokio::net::TcpListener::bind(cfg.grpc_addr)
@@ -243,6 +275,7 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
         serving,
     };
 
+    let _ = ui_source.set(shared.clone());
     peer::spawn_inbound(shared.clone(), handles);
     serve::spawn_load_reports(shared.clone());
     jobs::spawn(shared.clone());
@@ -252,9 +285,13 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
         }
     });
     let (grpc_stop_tx, grpc_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc_task = tokio::spawn(grpc::serve(shared.clone(), &cfg.tls_dir, grpc_listener, grpc_stop_rx)?);
+    let grpc_tls = auth::GrpcTls::load(&cfg.tls_dir).context("loading the gRPC TLS configuration")?;
+    let grpc_task = tokio::spawn(grpc::serve(shared.clone(), grpc_tls.clone(), grpc_listener, grpc_stop_rx)?);
     match embedded {
-        None => spawn_signals(events_tx.clone()),
+        None => {
+            spawn_signals(events_tx.clone());
+            auth::spawn_sighup(cfg.tls_dir.clone(), transport.clone(), grpc_tls);
+        }
         Some(Embedded { mut shutdown, started }) => {
             let _ = started.send(Bound { peer: peer_local, grpc: grpc_local, http: http_local });
             let events = events_tx.clone();
@@ -305,8 +342,10 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let core =
         CoordinatorCore::open(CoreConfig::new(node_id), store.clone(), &logger).context("opening the coordinator")?;
-    let loop_result =
-        event_loop::EventLoop::new(core, store, transport.clone(), health, view_tx, me).run(events_rx).await;
+    let loop_result = event_loop::EventLoop::new(core, store, transport.clone(), health, view_tx, me)
+        .with_leaders_log(cfg.data_dir.join("leaders.log"))
+        .run(events_rx)
+        .await;
     let _ = grpc_stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(2), grpc_task).await;
     transport.shutdown().await;

@@ -20,7 +20,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use quiver_coordinator::{Command, MemberInfo, Op, Outcome, RequestId, decode_command, encode_command};
 use quiver_node_agent::transport::tls::{ALPN, node_id_of, node_server_name};
 use quiver_node_agent::transport::{
-    ErrorCode, InboundStream, NodeId, NodeIdentity, PeerEvent, StreamHeader, StreamKind, Transport, TransportHandles,
+    ANONYMOUS, ErrorCode, InboundStream, NodeId, NodeIdentity, PeerEvent, StreamHeader, StreamKind, Transport,
+    TransportHandles,
 };
 use quiver_proto::peer::{
     ControlRequest, ControlResponse, ErrorReply, Opaque, RaftBatch, control_request, control_response,
@@ -89,6 +90,20 @@ async fn handle_stream(shared: Shared, mut s: InboundStream) {
                 }
             }
         },
+        // A token join's streams (no certificate yet, see `crate::token`): nothing but the join.
+        StreamKind::Control if s.peer == ANONYMOUS => {
+            let Some(mut send) = s.send.take() else { return };
+            let req = match s.recv.recv_message::<ControlRequest>().await {
+                Ok(Some(r)) => r,
+                _ => return,
+            };
+            let body = crate::token::answer_anonymous(&shared, req.body).await;
+            let _ = send.send_message(&ControlResponse { request_id: req.request_id, body: Some(body) }).await;
+            let _ = send.finish();
+        }
+        _ if s.peer == ANONYMOUS => {
+            s.recv.reject(ErrorCode::Refused, &"a node without a certificate may only join with a token");
+        }
         StreamKind::Control => {
             let Some(mut send) = s.send.take() else { return };
             let req = match s.recv.recv_message::<ControlRequest>().await {

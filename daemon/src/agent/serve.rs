@@ -123,6 +123,11 @@ impl Serving {
         self.workers.load() as u64
     }
 
+    /// `peer`'s last reported load, unless older than [`LOAD_STALE`] (for the web view).
+    pub fn peer_live_load(&self, peer: u64) -> Option<u64> {
+        self.peers.get(&peer).filter(|e| e.1.elapsed() < LOAD_STALE).map(|e| e.0)
+    }
+
     /// Records `peer`'s reported load.
     fn peer_load(&self, peer: u64, load: u64) {
         self.peers.insert(peer, (load, Instant::now()));

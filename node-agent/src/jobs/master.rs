@@ -1,5 +1,17 @@
-//! The job master: cuts the graph, hands partitions to their owners, runs the superstep barrier
-//! and assembles the result.
+//! The job master: cuts the graph, hands partitions to their owners, runs the superstep barrier,
+//! takes checkpoints and assembles the result.
+//!
+//! # Checkpoints and resuming
+//!
+//! Every so many supersteps (a fixed `K`, or by default whenever about
+//! [`MasterJob::checkpoint_seconds`] of supersteps have passed since the last one) the master
+//! asks every owner for a snapshot of the iterate it just computed, and hands the set — one
+//! snapshot per partition plus the iterate's exact combined partials — to the caller's
+//! checkpoint channel, which stores it and records it in Raft. A master started with
+//! [`MasterJob::resume`] sends each owner its partition *and* its snapshot; owners restore it,
+//! exchange halos once, and the barrier continues from that superstep with the stored partials.
+//! Because the snapshot holds the exact iterate and the partials are exact, the resumed run
+//! produces the undisturbed run's bits.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +23,7 @@ use quiver_proto::peer::{JobMessage, JobPlan, StepGo, StreamHeader, StreamKind, 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::owner::{Rows, ToMaster, ToOwner, run_owner};
+use super::owner::{Rows, Snapshot, ToMaster, ToOwner, run_owner};
 use super::wire::{OwnedPart, partials_from_wire};
 use super::{JobKey, JobRuntime, KernelSpec};
 use crate::transport::NodeId;
@@ -28,6 +40,23 @@ pub struct MasterJob {
     pub stop: Stop,
     /// The owner of each partition; its length is the partition count.
     pub owners: Vec<NodeId>,
+    /// Checkpoint after every `K` supersteps; `None` chooses by time ([`Self::checkpoint_seconds`]).
+    pub checkpoint_every: Option<u32>,
+    /// With `checkpoint_every` unset: take a checkpoint once this much superstep time has passed
+    /// since the last one (0 disables checkpoints).
+    pub checkpoint_seconds: f64,
+    /// Start from this checkpoint instead of the initial iterate.
+    pub resume: Option<Checkpoint>,
+}
+
+/// A consistent cut of a job: every partition's state after `step`, and that iterate's combined
+/// partials.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub step: u32,
+    pub partials: Partials,
+    /// By partition index.
+    pub parts: Vec<Snapshot>,
 }
 
 /// Progress after one superstep.
@@ -51,17 +80,39 @@ pub struct MasterOutput {
     pub residual: f32,
 }
 
+/// Why a run stopped short.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct MasterError {
+    pub reason: String,
+    /// A node or link was lost: the same job at a new epoch (from the last checkpoint) can
+    /// succeed. Otherwise the input itself failed and a retry would fail again.
+    pub retryable: bool,
+}
+
+impl MasterError {
+    fn fatal(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into(), retryable: false }
+    }
+}
+
 /// Runs the job to the end. Dropping the future (cancellation) stops every local owner and
-/// closes every job stream, which stops the remote owners.
+/// closes every job stream, which stops the remote owners. Checkpoints go to `checkpoints`.
 pub async fn run_master(
     rt: Arc<JobRuntime>,
     job: MasterJob,
+    checkpoints: Option<mpsc::UnboundedSender<Checkpoint>>,
     mut report: impl FnMut(StepReport) + Send,
-) -> Result<MasterOutput, String> {
+) -> Result<MasterOutput, MasterError> {
     let started = Instant::now();
     let count = job.owners.len();
     if count == 0 {
-        return Err("the assignment has no partitions".into());
+        return Err(MasterError::fatal("the assignment has no partitions"));
+    }
+    if let Some(r) = &job.resume
+        && r.parts.len() != count
+    {
+        return Err(MasterError::fatal(format!("the checkpoint has {} partitions, the job {count}", r.parts.len())));
     }
     let width = job.kernel.width();
     let g = job.graph.clone();
@@ -69,9 +120,13 @@ pub async fn run_master(
         .workers()
         .run(0, move || quiver_compute::partition::partition(&g, count))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let plan = job.kernel.to_plan(job.graph.vertices() as u64, &job.owners);
+        .map_err(|e| MasterError::fatal(e.to_string()))?
+        .map_err(|e| MasterError::fatal(e.to_string()))?;
+    let mut plan = job.kernel.to_plan(job.graph.vertices() as u64, &job.owners);
+    if let Some(r) = &job.resume {
+        plan.resume = true;
+        plan.resume_step = r.step;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel::<(u32, ToMaster)>();
     let mut links = JoinSet::new();
     let mut to_owner = Vec::with_capacity(count);
@@ -82,60 +137,85 @@ pub async fn run_master(
             f.slice(r.start as usize * width..r.end as usize * width)
         });
         let part = OwnedPart::from_partition(p, features);
+        let resume = job.resume.as_ref().map(|r| (r.step, r.parts[p.index].clone()));
         let (otx, orx) = mpsc::unbounded_channel();
         to_owner.push(otx);
         let node = job.owners[p.index];
+        let (owners, kernel) = (job.owners.clone(), job.kernel.clone());
         if node == me {
-            links.spawn(run_owner(rt.clone(), job.key, part, job.kernel.clone(), job.owners.clone(), orx, tx.clone()));
+            links.spawn(run_owner(rt.clone(), job.key, part, kernel, owners, resume, orx, tx.clone()));
         } else {
-            links.spawn(remote_link(rt.clone(), job.key, node, part, job.graph_digest, plan.clone(), orx, tx.clone()));
+            let link = RemoteLink { rt: rt.clone(), key: job.key, node, digest: job.graph_digest, plan: plan.clone() };
+            links.spawn(link.run(part, resume, orx, tx.clone()));
         }
     }
     drop(parts);
     drop(tx);
 
-    let mut partials = collect(&mut rx, 0, count, &job.owners).await?.0;
-    let (mut iterations, mut residual) = (0u32, f32::INFINITY);
+    let (mut iterations, mut residual, mut partials) = match &job.resume {
+        Some(r) => {
+            collect(&mut rx, r.step, count, &job.owners, false).await?;
+            (r.step, r.partials.residual, r.partials)
+        }
+        None => (0, f32::INFINITY, collect(&mut rx, 0, count, &job.owners, false).await?.partials),
+    };
+    let mut since_checkpoint = 0f64;
     while iterations < job.stop.max_iterations && !job.stop.tolerance.is_some_and(|t| residual <= t) {
         let step = iterations + 1;
+        let checkpoint = checkpoints.is_some()
+            && match job.checkpoint_every {
+                Some(k) => k > 0 && step % k == 0,
+                None => job.checkpoint_seconds > 0.0 && since_checkpoint >= job.checkpoint_seconds,
+            };
         let globals = Globals::new(partials, step);
         for o in &to_owner {
-            let _ = o.send(ToOwner::Go { step, mass: globals.mass });
+            let _ = o.send(ToOwner::Go { step, mass: globals.mass, checkpoint });
         }
-        let (p, compute_seconds) = collect(&mut rx, step, count, &job.owners).await?;
-        partials = p;
+        let t = Instant::now();
+        let got = collect(&mut rx, step, count, &job.owners, checkpoint).await?;
+        since_checkpoint += t.elapsed().as_secs_f64();
+        partials = got.partials;
         iterations = step;
         residual = partials.residual;
-        report(StepReport { step, residual, elapsed_seconds: started.elapsed().as_secs_f64(), compute_seconds });
+        if let (Some(c), Some(parts)) = (&checkpoints, got.snapshots) {
+            since_checkpoint = 0.0;
+            let _ = c.send(Checkpoint { step, partials, parts });
+        }
+        report(StepReport {
+            step,
+            residual,
+            elapsed_seconds: started.elapsed().as_secs_f64(),
+            compute_seconds: got.slowest,
+        });
     }
     for o in &to_owner {
         let _ = o.send(ToOwner::Finish);
     }
 
-    let bounds = {
-        let g = &job.graph;
-        quiver_compute::partition::boundaries(g, count, quiver_compute::partition::default_alpha(count))
-            .map_err(|e| e.to_string())?
-    };
+    let bounds =
+        quiver_compute::partition::boundaries(&job.graph, count, quiver_compute::partition::default_alpha(count))
+            .map_err(|e| MasterError::fatal(e.to_string()))?;
     let mut rows: Vec<Option<Rows>> = (0..count).map(|_| None).collect();
     let mut missing = count;
     while missing > 0 {
         let Some((p, msg)) = rx.recv().await else {
-            return Err("every partition link closed before the results arrived".into());
+            return Err(lost("every partition link closed before the results arrived"));
         };
         let pi = p as usize;
         match msg {
             ToMaster::Result(r) => {
                 let want = (bounds[pi + 1] - bounds[pi]) as usize * width;
                 if r.as_slice().len() != want {
-                    return Err(format!("partition {p} sent {} result values, expected {want}", r.as_slice().len()));
+                    return Err(MasterError::fatal(format!(
+                        "partition {p} sent {} result values, expected {want}",
+                        r.as_slice().len()
+                    )));
                 }
                 if rows[pi].replace(r).is_none() {
                     missing -= 1;
                 }
             }
-            ToMaster::Failed(reason) => return Err(failed(p, &job.owners, &reason)),
-            ToMaster::Partials { .. } => return Err(format!("partition {p} sent partials after Finish")),
+            other => return Err(unexpected(p, other, &job.owners, "waiting for results")),
         }
     }
     let mut values = Vec::with_capacity(job.graph.vertices() * width);
@@ -146,131 +226,183 @@ pub async fn run_master(
     Ok(MasterOutput { values, width, iterations, residual })
 }
 
-fn failed(p: u32, owners: &[NodeId], reason: &str) -> String {
-    match owners.get(p as usize) {
-        Some(node) => format!("partition {p} on {node}: {reason}"),
-        None => format!("partition {p}: {reason}"),
+fn lost(reason: impl Into<String>) -> MasterError {
+    MasterError { reason: reason.into(), retryable: true }
+}
+
+/// A message the barrier did not expect, as the error it means.
+fn unexpected(p: u32, msg: ToMaster, owners: &[NodeId], when: &str) -> MasterError {
+    let at = match owners.get(p as usize) {
+        Some(node) => format!("partition {p} on {node}"),
+        None => format!("partition {p}"),
+    };
+    match msg {
+        ToMaster::Failed(reason) => MasterError::fatal(format!("{at}: {reason}")),
+        ToMaster::Lost(reason) => lost(format!("{at}: {reason}")),
+        ToMaster::Partials { step, .. } => MasterError::fatal(format!("{at} reported superstep {step} {when}")),
+        ToMaster::Snapshot { step, .. } => {
+            MasterError::fatal(format!("{at} sent a snapshot of superstep {step} {when}"))
+        }
+        ToMaster::Result(_) => MasterError::fatal(format!("{at} sent its result {when}")),
     }
 }
 
-/// Waits for every partition's partials of `step`; returns them combined and the slowest
-/// owner's compute time.
+/// What the owners reported for one superstep.
+struct Collected {
+    partials: Partials,
+    slowest: f64,
+    snapshots: Option<Vec<Snapshot>>,
+}
+
+/// Waits for every partition's partials of `step` (and its snapshot when `snapshots`).
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<(u32, ToMaster)>,
     step: u32,
     count: usize,
     owners: &[NodeId],
-) -> Result<(Partials, f64), String> {
+    snapshots: bool,
+) -> Result<Collected, MasterError> {
     let mut seen = vec![false; count];
-    let (mut combined, mut slowest, mut missing) = (Partials::default(), 0f64, count);
+    let mut snaps: Vec<Option<Snapshot>> = (0..count).map(|_| None).collect();
+    let (mut combined, mut slowest) = (Partials::default(), 0f64);
+    let mut missing = if snapshots { 2 * count } else { count };
     while missing > 0 {
         let Some((p, msg)) = rx.recv().await else {
-            return Err("every partition link closed mid-job".into());
+            return Err(lost("every partition link closed mid-job"));
         };
         match msg {
             ToMaster::Partials { step: s, partials, compute_seconds } if s == step => {
                 let Some(slot) = seen.get_mut(p as usize).filter(|s| !**s) else {
-                    return Err(format!("partition {p} reported superstep {step} twice"));
+                    return Err(MasterError::fatal(format!("partition {p} reported superstep {step} twice")));
                 };
                 *slot = true;
                 missing -= 1;
                 combined = combined.combine(partials);
                 slowest = slowest.max(compute_seconds);
             }
-            ToMaster::Partials { step: s, .. } => {
-                return Err(format!("partition {p} reported superstep {s} while the job is at {step}"));
+            ToMaster::Snapshot { step: s, snapshot } if s == step && snapshots => {
+                let Some(slot) = snaps.get_mut(p as usize).filter(|s| s.is_none()) else {
+                    return Err(MasterError::fatal(format!("partition {p} sent superstep {step}'s snapshot twice")));
+                };
+                *slot = Some(snapshot);
+                missing -= 1;
             }
-            ToMaster::Failed(reason) => return Err(failed(p, owners, &reason)),
-            ToMaster::Result(_) => return Err(format!("partition {p} sent a result before Finish")),
+            other => return Err(unexpected(p, other, owners, &format!("while the job is at superstep {step}"))),
         }
     }
-    Ok((combined, slowest))
+    let snapshots = snapshots.then(|| snaps.into_iter().flatten().collect());
+    Ok(Collected { partials: combined, slowest, snapshots })
 }
 
 /// Carries one partition to a remote owner and relays messages both ways. Anything that goes
 /// wrong is reported to the master as the partition's failure.
-#[allow(clippy::too_many_arguments)]
-async fn remote_link(
+struct RemoteLink {
     rt: Arc<JobRuntime>,
     key: JobKey,
     node: NodeId,
-    part: OwnedPart,
     digest: [u8; 32],
     plan: JobPlan,
-    mut orx: mpsc::UnboundedReceiver<ToOwner>,
-    tx: mpsc::UnboundedSender<(u32, ToMaster)>,
-) {
-    let p = part.index;
-    let fail = |reason: String| {
-        let _ = tx.send((p, ToMaster::Failed(reason)));
-    };
-    let header = StreamHeader {
-        kind: StreamKind::Job as i32,
-        job_id: key.job,
-        epoch: key.epoch,
-        partition: p,
-        ..Default::default()
-    };
-    let opened = async {
-        let conn = rt.transport.connection(node).await.map_err(|e| e.to_string())?;
-        let (mut send, recv) = conn.open_bi(header).await.map_err(|e| e.to_string())?;
-        send.send_frame(&part.to_frame(&digest)).await.map_err(|e| e.to_string())?;
-        send.send_message(&JobMessage { body: Some(job_message::Body::Plan(plan)) })
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok::<_, String>((send, recv))
-    };
-    let (mut send, mut recv) = match opened.await {
-        Ok(x) => x,
-        Err(e) => return fail(format!("sending the partition: {e}")),
-    };
-    drop(part);
-    let reader = {
-        let tx = tx.clone();
-        async move {
-            loop {
-                match recv.recv_message::<JobMessage>().await {
-                    Ok(Some(JobMessage { body: Some(job_message::Body::Partials(w)) })) => match partials_from_wire(&w)
-                    {
-                        Ok((step, partials, compute_seconds)) => {
-                            let _ = tx.send((p, ToMaster::Partials { step, partials, compute_seconds }));
+}
+
+impl RemoteLink {
+    async fn run(
+        self,
+        part: OwnedPart,
+        resume: Option<(u32, Snapshot)>,
+        mut orx: mpsc::UnboundedReceiver<ToOwner>,
+        tx: mpsc::UnboundedSender<(u32, ToMaster)>,
+    ) {
+        let p = part.index;
+        let header = StreamHeader {
+            kind: StreamKind::Job as i32,
+            job_id: self.key.job,
+            epoch: self.key.epoch,
+            partition: p,
+            ..Default::default()
+        };
+        let opened = async {
+            let conn = self.rt.transport.connection(self.node).await.map_err(|e| e.to_string())?;
+            let (mut send, recv) = conn.open_bi(header).await.map_err(|e| e.to_string())?;
+            send.send_frame(&part.to_frame(&self.digest)).await.map_err(|e| e.to_string())?;
+            let plan = JobMessage { body: Some(job_message::Body::Plan(self.plan)) };
+            send.send_message(&plan).await.map_err(|e| e.to_string())?;
+            if let Some((_, snapshot)) = &resume {
+                send.send_frame(&snapshot.to_frame()).await.map_err(|e| e.to_string())?;
+            }
+            Ok::<_, String>((send, recv))
+        };
+        let (mut send, mut recv) = match opened.await {
+            Ok(x) => x,
+            Err(e) => {
+                let _ = tx.send((p, ToMaster::Lost(format!("sending the partition to {}: {e}", self.node))));
+                return;
+            }
+        };
+        drop((part, resume));
+        let reader = {
+            let tx = tx.clone();
+            async move {
+                loop {
+                    let m = match recv.recv_message::<JobMessage>().await {
+                        Ok(Some(m)) => m.body,
+                        Ok(None) => return Err(ToMaster::Lost("the owner closed the job stream".into())),
+                        Err(e) => return Err(ToMaster::Lost(e.to_string())),
+                    };
+                    let out = match m {
+                        Some(job_message::Body::Partials(w)) => {
+                            let (step, partials, compute_seconds) = partials_from_wire(&w).map_err(ToMaster::Failed)?;
+                            ToMaster::Partials { step, partials, compute_seconds }
                         }
-                        Err(e) => return Err(e),
-                    },
-                    Ok(Some(JobMessage { body: Some(job_message::Body::ResultFollows(_)) })) => {
-                        let frame = recv.recv_frame().await.map_err(|e| e.to_string())?.ok_or("no result frame")?;
-                        let values = frame.segment::<f32>(0).map_err(|e| format!("result frame: {e}"))?;
-                        let _ = tx.send((p, ToMaster::Result(Rows::Received(values))));
-                        return Ok(());
-                    }
-                    Ok(Some(JobMessage { body: Some(job_message::Body::Abort(reason)) })) => return Err(reason),
-                    Ok(Some(_)) => return Err("unexpected message from the owner".to_string()),
-                    Ok(None) => return Err("the owner closed the job stream".to_string()),
-                    Err(e) => return Err(e.to_string()),
+                        Some(job_message::Body::SnapshotFollows(step)) => {
+                            let frame = recv
+                                .recv_frame()
+                                .await
+                                .map_err(|e| ToMaster::Lost(e.to_string()))?
+                                .ok_or_else(|| ToMaster::Lost("no snapshot frame".into()))?;
+                            ToMaster::Snapshot {
+                                step,
+                                snapshot: Snapshot::from_frame(&frame).map_err(ToMaster::Failed)?,
+                            }
+                        }
+                        Some(job_message::Body::ResultFollows(_)) => {
+                            let frame = recv
+                                .recv_frame()
+                                .await
+                                .map_err(|e| ToMaster::Lost(e.to_string()))?
+                                .ok_or_else(|| ToMaster::Lost("no result frame".into()))?;
+                            let values =
+                                frame.segment::<f32>(0).map_err(|e| ToMaster::Failed(format!("result frame: {e}")))?;
+                            let _ = tx.send((p, ToMaster::Result(Rows::Received(values))));
+                            return Ok(());
+                        }
+                        Some(job_message::Body::Abort(reason)) => return Err(ToMaster::Failed(reason)),
+                        _ => return Err(ToMaster::Failed("unexpected message from the owner".into())),
+                    };
+                    let _ = tx.send((p, out));
                 }
             }
-        }
-    };
-    let writer = async move {
-        while let Some(m) = orx.recv().await {
-            let body = match m {
-                ToOwner::Go { step, mass } => job_message::Body::Go(StepGo { step, mass }),
-                ToOwner::Finish => job_message::Body::Finish(true),
-            };
-            if let Err(e) = send.send_message(&JobMessage { body: Some(body) }).await {
-                return Err(e.to_string());
+        };
+        let writer = async move {
+            while let Some(m) = orx.recv().await {
+                let body = match m {
+                    ToOwner::Go { step, mass, checkpoint } => job_message::Body::Go(StepGo { step, mass, checkpoint }),
+                    ToOwner::Finish => job_message::Body::Finish(true),
+                };
+                if let Err(e) = send.send_message(&JobMessage { body: Some(body) }).await {
+                    return Err(ToMaster::Lost(e.to_string()));
+                }
             }
+            // The master is done with this partition (or gone): close our half.
+            let _ = send.finish();
+            std::future::pending::<Result<(), ToMaster>>().await
+        };
+        tokio::pin!(reader, writer);
+        let outcome = tokio::select! {
+            r = &mut reader => r,
+            w = &mut writer => w,
+        };
+        if let Err(msg) = outcome {
+            let _ = tx.send((p, msg));
         }
-        // The master is done with this partition (or gone): close our half.
-        let _ = send.finish();
-        std::future::pending::<Result<(), String>>().await
-    };
-    tokio::pin!(reader, writer);
-    let outcome = tokio::select! {
-        r = &mut reader => r,
-        w = &mut writer => w,
-    };
-    if let Err(reason) = outcome {
-        fail(reason);
     }
 }

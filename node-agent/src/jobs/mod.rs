@@ -45,7 +45,8 @@ use tokio::task::AbortHandle;
 use crate::transport::{ErrorCode, InboundStream, NodeId, OutFrame, PeerSendStream, Transport};
 use crate::workers::Workers;
 
-pub use master::{MasterJob, MasterOutput, StepReport, run_master};
+pub use master::{Checkpoint, MasterError, MasterJob, MasterOutput, StepReport, run_master};
+pub use owner::Snapshot;
 pub use wire::{KernelSpec, OwnedPart};
 
 /// A job's identity on the wire: the job id and the epoch of its assignment.
@@ -83,6 +84,8 @@ pub struct JobRuntime {
     owners: DashMap<(JobKey, u32), AbortHandle>,
     /// Owner tasks alive on this node (local and remote partitions).
     active: std::sync::atomic::AtomicUsize,
+    /// The current epoch of each job, as the replicated state says: anything older is refused.
+    epochs: DashMap<u64, u64>,
 }
 
 /// Counts an owner task while it lives (also when it is aborted mid-await).
@@ -115,6 +118,7 @@ impl JobRuntime {
             mailboxes: DashMap::new(),
             owners: DashMap::new(),
             active: std::sync::atomic::AtomicUsize::new(0),
+            epochs: DashMap::new(),
         })
     }
 
@@ -149,6 +153,25 @@ impl JobRuntime {
         self.mailboxes.retain(|(k, _), _| !stale(k));
     }
 
+    /// Records job `job`'s current epoch: streams and halos of older epochs are refused from now
+    /// on, and this node's partitions of older epochs are stopped.
+    pub fn set_epoch(&self, job: u64, epoch: u64) {
+        let newer = self.epochs.insert(job, epoch).is_none_or(|old| old < epoch);
+        if newer {
+            self.drop_job(job, Some(epoch));
+        }
+    }
+
+    /// Forgets a finished job's epoch record (after [`JobRuntime::drop_job`]).
+    pub fn forget(&self, job: u64) {
+        self.epochs.remove(&job);
+    }
+
+    /// Whether `key` is older than the job's current epoch.
+    fn stale(&self, key: JobKey) -> bool {
+        self.epochs.get(&key.job).is_some_and(|e| key.epoch < *e)
+    }
+
     /// Jobs with any state on this node (owners or mailboxes).
     pub fn jobs(&self) -> Vec<u64> {
         let mut j: Vec<u64> = self.owners.iter().map(|e| e.key().0.job).collect();
@@ -160,6 +183,10 @@ impl JobRuntime {
 
     /// Hands a halo to the owner of `to` (on this node), whether or not it has started yet.
     fn deliver(&self, key: JobKey, to: u32, halo: Halo) {
+        if self.stale(key) {
+            metrics::counter!("quiver_job_stale_messages_total").increment(1);
+            return;
+        }
         let mb = self.mailboxes.entry((key, to)).or_insert_with(Mailbox::new);
         let _ = mb.tx.send(halo);
     }

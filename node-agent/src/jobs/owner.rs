@@ -18,8 +18,9 @@ use crate::transport::{InboundStream, NodeId, OutFrame};
 /// What the master tells an owner.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ToOwner {
-    /// Compute superstep `step` from the current iterate, whose combined mass is `mass`.
-    Go { step: u32, mass: f64 },
+    /// Compute superstep `step` from the current iterate, whose combined mass is `mass`; with
+    /// `checkpoint`, send a snapshot of the new iterate after the partials.
+    Go { step: u32, mass: f64, checkpoint: bool },
     /// Stop and send the result rows.
     Finish,
 }
@@ -43,9 +44,48 @@ impl Rows {
 /// What an owner tells the master.
 #[derive(Debug)]
 pub(crate) enum ToMaster {
-    Partials { step: u32, partials: Partials, compute_seconds: f64 },
+    Partials {
+        step: u32,
+        partials: Partials,
+        compute_seconds: f64,
+    },
+    /// The partition's state after `step`, for a checkpoint.
+    Snapshot {
+        step: u32,
+        snapshot: Snapshot,
+    },
     Result(Rows),
+    /// The owner gave up (a compute or protocol error: retrying the same input fails again).
     Failed(String),
+    /// The link to the owner broke (a node or connection was lost: another epoch may succeed).
+    Lost(String),
+}
+
+/// One partition's state between supersteps: its owned values and the kernel's private state.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub values: Segment<f32>,
+    pub aux: Segment<f32>,
+}
+
+impl Snapshot {
+    /// As a frame with segments `values` and `aux` (no copy).
+    pub(crate) fn to_frame(&self) -> OutFrame {
+        let mut f = OutFrame::new(None);
+        f.push("values", &self.values).push("aux", &self.aux).set_last(true);
+        f
+    }
+
+    /// From a frame of [`Snapshot::to_frame`].
+    pub(crate) fn from_frame(frame: &crate::transport::InFrame) -> Result<Self, String> {
+        if frame.segment_count() != 2 || frame.segment_name(0) != Some("values") || frame.segment_name(1) != Some("aux")
+        {
+            return Err("a snapshot frame holds exactly the segments values and aux".into());
+        }
+        let values = frame.segment::<f32>(0).map_err(|e| format!("snapshot: {e}"))?;
+        let aux = frame.segment::<f32>(1).map_err(|e| format!("snapshot: {e}"))?;
+        Ok(Self { values, aux })
+    }
 }
 
 /// APPNP owning its partition's feature rows, so an owner task can hold it across awaits.
@@ -110,25 +150,27 @@ impl Kernel for OwnedAppnp {
 
 /// Runs one partition until the master says `Finish` (Ok) or something fails (reported to the
 /// master as `Failed`). Ends quietly when the master goes away.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn run_owner(
     rt: Arc<JobRuntime>,
     key: JobKey,
     part: OwnedPart,
     spec: KernelSpec,
     owners: Vec<NodeId>,
+    resume: Option<(u32, Snapshot)>,
     rx: mpsc::UnboundedReceiver<ToOwner>,
     tx: mpsc::UnboundedSender<(u32, ToMaster)>,
 ) {
     let p = part.index;
     let _active = super::ActiveOwner::new(&rt);
     let result = match spec {
-        KernelSpec::PageRank(k) => owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await,
-        KernelSpec::Heat(k) => owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await,
+        KernelSpec::PageRank(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
+        KernelSpec::Heat(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
         KernelSpec::Appnp { alpha, normalization, dim } => match part.features.clone() {
             Some(features) => {
                 let base = part.graph.first();
                 let k = OwnedAppnp { alpha, normalization, dim, base, features };
-                owner_loop(rt, key, Arc::new(k), part, owners, rx, &tx).await
+                owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await
             }
             None => Err("appnp partition without features".to_string()),
         },
@@ -143,12 +185,14 @@ fn pack<P>(state: &PartitionState<P>, mirrors: &[Mirror]) -> Vec<(u32, Segment<f
     mirrors.iter().map(|m| (m.reader as u32, state.pack_mirror_segment(m))).collect()
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn owner_loop<K>(
     rt: Arc<JobRuntime>,
     key: JobKey,
     kernel: Arc<K>,
     part: OwnedPart,
     owners: Vec<NodeId>,
+    resume: Option<(u32, Snapshot)>,
     mut rx: mpsc::UnboundedReceiver<ToOwner>,
     tx: &mpsc::UnboundedSender<(u32, ToMaster)>,
 ) -> Result<(), String>
@@ -166,26 +210,36 @@ where
     let workers = rt.workers().clone();
 
     // The state is created on the worker that will step it, so its memory is first touched there.
+    // Resuming, it is restored from the checkpoint; the master already holds that iterate's
+    // combined partials, so the owner only acknowledges with empty ones.
     let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
+    let first = resume.as_ref().map_or(0, |(step, _)| *step);
     let (mut state, init, out) = workers
         .run(numa, move || {
-            let (state, init) = PartitionState::new(&*k, &pt.graph);
+            let (state, init) = match resume {
+                None => PartitionState::new(&*k, &pt.graph),
+                Some((_, snap)) => {
+                    let state = PartitionState::restore(&*k, &pt.graph, &snap.values, &snap.aux)
+                        .map_err(|e| format!("partition {p}: restoring the checkpoint: {e}"))?;
+                    (state, Partials::default())
+                }
+            };
             let out = pack(&state, &pt.mirrors);
-            (state, init, out)
+            Ok::<_, String>((state, init, out))
         })
         .await
-        .map_err(|e| format!("partition {p}: {e}"))?;
+        .map_err(|e| format!("partition {p}: {e}"))??;
     let secs = t.elapsed().as_secs_f64();
-    halos.send(0, width as u32, out).await?;
-    tx.send((p, ToMaster::Partials { step: 0, partials: init, compute_seconds: secs }))
+    halos.send(u64::from(first), width as u32, out).await?;
+    tx.send((p, ToMaster::Partials { step: first, partials: init, compute_seconds: secs }))
         .map_err(|_| "master gone".to_string())?;
 
     loop {
         match rx.recv().await {
-            Some(ToOwner::Go { step, mass }) => {
+            Some(ToOwner::Go { step, mass, checkpoint }) => {
                 let incoming = inbox.collect(u64::from(step) - 1).await?;
                 let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
-                let (next, partials, out) = workers
+                let (next, partials, out, snapshot) = workers
                     .run(numa, move || {
                         let mut state = state;
                         for (source, values) in incoming {
@@ -193,7 +247,11 @@ where
                         }
                         let partials = state.step(&*k, &pt.graph, &Globals { mass, step });
                         let out = pack(&state, &pt.mirrors);
-                        (state, partials, out)
+                        let snapshot = checkpoint.then(|| {
+                            let (values, aux) = state.snapshot();
+                            Snapshot { values: Segment::from_slice(values), aux: Segment::from_slice(aux) }
+                        });
+                        (state, partials, out, snapshot)
                     })
                     .await
                     .map_err(|e| format!("partition {p}, superstep {step}: {e}"))?;
@@ -203,6 +261,9 @@ where
                 halos.send(u64::from(step), width as u32, out).await?;
                 tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
                     .map_err(|_| "master gone".to_string())?;
+                if let Some(snapshot) = snapshot {
+                    tx.send((p, ToMaster::Snapshot { step, snapshot })).map_err(|_| "master gone".to_string())?;
+                }
             }
             Some(ToOwner::Finish) => {
                 halos.finish();
@@ -276,6 +337,14 @@ impl Inbox {
 pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     let key = JobKey { job: s.header.job_id, epoch: s.header.epoch };
     let Some(mut send) = s.send.take() else { return };
+    if rt.stale(key) {
+        let reason = format!("job {} epoch {} is stale: the job has moved on to a newer epoch", key.job, key.epoch);
+        tracing::info!(peer = %s.peer, %reason, "refused a job stream");
+        metrics::counter!("quiver_job_stale_messages_total").increment(1);
+        let _ = send.send_message(&abort(&reason)).await;
+        let _ = send.finish();
+        return;
+    }
     let peer = s.peer;
     let setup = async {
         let frame =
@@ -297,9 +366,16 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                 part.index, owners[part.index as usize]
             ));
         }
-        Ok((part, spec, owners))
+        let resume = if plan.resume {
+            let frame =
+                s.recv.recv_frame().await.map_err(|e| e.to_string())?.ok_or("the stream ended before the snapshot")?;
+            Some((plan.resume_step, Snapshot::from_frame(&frame)?))
+        } else {
+            None
+        };
+        Ok((part, spec, owners, resume))
     };
-    let (part, spec, owners) = match setup.await {
+    let (part, spec, owners, resume) = match setup.await {
         Ok(x) => x,
         Err(reason) => {
             tracing::warn!(%peer, job = key.job, epoch = key.epoch, %reason, "refused a partition");
@@ -312,7 +388,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     tracing::debug!(%peer, job = key.job, epoch = key.epoch, partition = p, "running a partition");
     let (to_owner, owner_rx) = mpsc::unbounded_channel();
     let (owner_tx, mut from_owner) = mpsc::unbounded_channel();
-    let owner = tokio::spawn(run_owner(rt.clone(), key, part, spec, owners, owner_rx, owner_tx));
+    let owner = tokio::spawn(run_owner(rt.clone(), key, part, spec, owners, resume, owner_rx, owner_tx));
     rt.owners.insert((key, p), owner.abort_handle());
 
     // Reads are not cancel-safe, so the reader is its own task feeding a channel.
@@ -334,7 +410,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
         tokio::select! {
             m = msgs.recv() => match m.and_then(|m| m.body) {
                 Some(job_message::Body::Go(g)) => {
-                    let _ = to_owner.send(ToOwner::Go { step: g.step, mass: g.mass });
+                    let _ = to_owner.send(ToOwner::Go { step: g.step, mass: g.mass, checkpoint: g.checkpoint });
                 }
                 Some(job_message::Body::Finish(_)) => {
                     let _ = to_owner.send(ToOwner::Finish);
@@ -375,7 +451,14 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                     }
                     break;
                 }
-                Some((_, ToMaster::Failed(reason))) => {
+                Some((_, ToMaster::Snapshot { step, snapshot })) => {
+                    let follows = JobMessage { body: Some(job_message::Body::SnapshotFollows(step)) };
+                    if send.send_message(&follows).await.is_err() || send.send_frame(&snapshot.to_frame()).await.is_err() {
+                        owner.abort();
+                        break;
+                    }
+                }
+                Some((_, ToMaster::Failed(reason) | ToMaster::Lost(reason))) => {
                     tracing::warn!(job = key.job, partition = p, %reason, "partition failed");
                     let _ = send.send_message(&abort(&reason)).await;
                     let _ = send.finish();

@@ -47,7 +47,16 @@ impl KernelSpec {
                 ("appnp", f64::from(*alpha), vec![], *normalization == Normalization::Symmetric)
             }
         };
-        JobPlan { kernel: kernel.into(), coefficient, seeds, vertices, width: self.width() as u32, symmetric, owners }
+        JobPlan {
+            kernel: kernel.into(),
+            coefficient,
+            seeds,
+            vertices,
+            width: self.width() as u32,
+            symmetric,
+            owners,
+            ..Default::default()
+        }
     }
 
     /// Reads a plan back, checking what the kernels rely on (seeds sorted, unique and in range).

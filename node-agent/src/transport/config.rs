@@ -65,6 +65,10 @@ pub struct TransportConfig {
     pub max_receiving_bytes_per_connection: u64,
     /// Capacity of the inbound-stream and event channels. Default 1024.
     pub channel_capacity: usize,
+    /// Fault injection for the chaos drills (`quiver agent --fault-injection`). Default `None`:
+    /// the endpoint uses quinn's own socket, untouched. `Some` wraps it in
+    /// [`super::fault::FaultySocket`], steered through this handle.
+    pub faults: Option<super::fault::NetFaults>,
 }
 
 impl Default for TransportConfig {
@@ -90,6 +94,7 @@ impl Default for TransportConfig {
             limits: Limits::default(),
             max_receiving_bytes_per_connection: 4 << 30,
             channel_capacity: 1024,
+            faults: None,
         }
     }
 }

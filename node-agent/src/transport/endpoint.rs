@@ -229,7 +229,8 @@ struct PeerState {
 struct Inner {
     node_id: NodeId,
     endpoint: quinn::Endpoint,
-    client: quinn::ClientConfig,
+    /// Swapped by [`Transport::reload_identity`]; every new dial reads the current one.
+    client: Mutex<quinn::ClientConfig>,
     config: Arc<TransportConfig>,
     peers: Mutex<HashMap<NodeId, PeerState>>,
     events: mpsc::Sender<PeerEvent>,
@@ -263,14 +264,25 @@ impl Transport {
         let socket = std::net::UdpSocket::bind(config.bind)
             .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
-        let endpoint = quinn::Endpoint::new(config.quinn_endpoint(), Some(server), socket, runtime)
-            .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
+        let endpoint = match &config.faults {
+            None => quinn::Endpoint::new(config.quinn_endpoint(), Some(server), socket, runtime),
+            // Only with fault injection asked for: quinn's socket wrapped by the chaos layer.
+            Some(faults) => runtime.wrap_udp_socket(socket).and_then(|s| {
+                quinn::Endpoint::new_with_abstract_socket(
+                    config.quinn_endpoint(),
+                    Some(server),
+                    faults.wrap(s),
+                    runtime,
+                )
+            }),
+        }
+        .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
         let (events_tx, events) = mpsc::channel(config.channel_capacity);
         let (inbound_tx, inbound) = mpsc::channel(config.channel_capacity);
         let inner = Arc::new(Inner {
             node_id: identity.node_id,
             endpoint,
-            client,
+            client: Mutex::new(client),
             config,
             peers: Mutex::new(HashMap::new()),
             events: events_tx,
@@ -356,6 +368,22 @@ impl Transport {
         self.connect(peer, addr).await
     }
 
+    /// Presents `identity` (a renewed certificate, a rotated CA) on every handshake from now on:
+    /// new inbound connections get the new server configuration and new dials the new client
+    /// configuration. Established connections are left alone. The node id must not change.
+    pub fn reload_identity(&self, identity: &NodeIdentity) -> Result<(), TransportError> {
+        if identity.node_id != self.inner.node_id {
+            return Err(TransportError::Tls(TlsError::NotANode(format!(
+                "the new certificate is for {}, this node is {}",
+                identity.node_id, self.inner.node_id
+            ))));
+        }
+        let (server, client) = quinn_configs(&self.inner.config, identity)?;
+        self.inner.endpoint.set_server_config(Some(server));
+        *self.inner.client.lock().expect("client config lock") = client;
+        Ok(())
+    }
+
     /// Closes every connection and the endpoint, and waits (bounded) for peers to be told.
     pub async fn shutdown(&self) {
         self.inner.shutdown.send_replace(true);
@@ -417,7 +445,7 @@ async fn connect(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<P
     let dial_err = |reason: String| TransportError::Dial { peer, addr, reason };
     let connecting = inner
         .endpoint
-        .connect_with(inner.client.clone(), addr, &tls::node_server_name(peer))
+        .connect_with(inner.client.lock().expect("client config lock").clone(), addr, &tls::node_server_name(peer))
         .map_err(|e| dial_err(e.to_string()))?;
     let conn = match tokio::time::timeout(inner.config.handshake_timeout, connecting).await {
         Ok(Ok(c)) => c,
@@ -575,6 +603,10 @@ async fn accept_loop(inner: Arc<Inner>) {
                     return;
                 }
             };
+            if negotiated_alpn(&conn).as_deref() == Some(tls::JOIN_ALPN) {
+                serve_join_connection(inner, conn).await;
+                return;
+            }
             match peer_node_id(&conn) {
                 Ok(peer) if peer == inner.node_id => {
                     tracing::warn!(%remote, "refused peer: it presented our own node id");
@@ -590,6 +622,51 @@ async fn accept_loop(inner: Arc<Inner>) {
             }
         });
     }
+}
+
+/// The ALPN protocol the handshake settled on.
+fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?.downcast::<quinn::crypto::rustls::HandshakeData>().ok()?.protocol
+}
+
+/// Most streams one join connection may open, and how long it may stay.
+const JOIN_STREAMS: usize = 4;
+const JOIN_LIFETIME: Duration = Duration::from_secs(15);
+
+/// A token join ([`tls::JOIN_ALPN`]): hands at most [`JOIN_STREAMS`] `Control` streams to the
+/// application as coming from [`super::ANONYMOUS`], then closes the connection. Nothing else is
+/// served on it; the connection is never installed as a peer.
+async fn serve_join_connection(inner: Arc<Inner>, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    tracing::info!(%remote, "join connection (no certificate yet)");
+    let pc = PeerConnection::new(super::ANONYMOUS, super::ANONYMOUS, conn.clone(), inner.config.clone());
+    let serve = async {
+        for _ in 0..JOIN_STREAMS {
+            let Ok((send, recv)) = conn.accept_bi().await else { return };
+            let mut recv = pc.recv_half(StreamKind::Unspecified, recv);
+            let mut send = pc.send_half(StreamKind::Unspecified, send);
+            match stream::read_header_with_timeout(&mut recv, inner.config.stream_header_timeout).await {
+                Ok((header, StreamKind::Control)) => {
+                    let send = Some(pc.send_half(StreamKind::Control, send.into_inner()));
+                    let s = InboundStream { peer: super::ANONYMOUS, kind: StreamKind::Control, header, send, recv };
+                    if inner.inbound.send(s).await.is_err() {
+                        return;
+                    }
+                }
+                Ok((_, kind)) => {
+                    recv.reject(ErrorCode::Refused, &format_args!("{kind:?} streams need a node certificate"));
+                    send.reset(ErrorCode::Refused);
+                }
+                Err(_) => send.reset(ErrorCode::Malformed),
+            }
+        }
+        // Let the last answer drain before closing.
+        let _ = conn.closed().await;
+    };
+    if tokio::time::timeout(JOIN_LIFETIME, serve).await.is_err() {
+        tracing::debug!(%remote, "join connection timed out");
+    }
+    conn.close(ErrorCode::Ok.into(), b"join done");
 }
 
 async fn serve_connection(inner: Arc<Inner>, pc: PeerConnection) {

@@ -10,6 +10,7 @@ pub mod backoff;
 pub mod codec;
 pub mod config;
 pub mod endpoint;
+pub mod fault;
 pub mod frame;
 pub mod stream;
 pub mod tls;
@@ -29,6 +30,10 @@ pub use tls::{CertificateAuthority, IssuedCert, NodeIdentity, TlsError, Validity
 /// A node's identity in the cluster (the Raft id), as named in its certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub u64);
+
+/// Who sent a stream that arrived on a token-join connection ([`tls::JOIN_ALPN`]): nobody the
+/// cluster knows yet. Node id 0 is reserved, so no certificate can name it.
+pub const ANONYMOUS: NodeId = NodeId(0);
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

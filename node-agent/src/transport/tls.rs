@@ -30,6 +30,11 @@ use super::NodeId;
 /// The ALPN protocol every Quiver peer connection negotiates.
 pub const ALPN: &[u8] = b"quiver/1";
 
+/// The ALPN of a token join: a node without a certificate yet asks a member for one. Such a
+/// connection carries only `Control` streams from [`super::ANONYMOUS`]; the application decides
+/// what an anonymous request may do (nothing but present a join token).
+pub const JOIN_ALPN: &[u8] = b"quiver-join/1";
+
 const NODE_URI_PREFIX: &str = "quiver://node/";
 const CLIENT_URI_PREFIX: &str = "quiver://client/";
 
@@ -268,7 +273,9 @@ impl NodeIdentity {
         Ok(Arc::new(roots))
     }
 
-    /// The rustls server side: requires a client certificate from the cluster CA naming a node.
+    /// The rustls server side: a client certificate, if presented, must come from the cluster CA
+    /// and name a node. A `quiver/1` connection without one is closed by the endpoint right after
+    /// the handshake; only [`JOIN_ALPN`] connections may go without.
     pub fn server_config(&self) -> Result<rustls::ServerConfig, TlsError> {
         let provider = provider();
         let inner = WebPkiClientVerifier::builder_with_provider(self.root_store()?, provider.clone())
@@ -278,7 +285,7 @@ impl NodeIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(NodeClientVerifier { inner }))
             .with_single_cert(self.cert_chain.clone(), self.key.clone_key())?;
-        cfg.alpn_protocols = vec![ALPN.to_vec()];
+        cfg.alpn_protocols = vec![ALPN.to_vec(), JOIN_ALPN.to_vec()];
         // Peer connections are long-lived and every handshake should check the current certificates.
         cfg.send_tls13_tickets = 0;
         Ok(cfg)
@@ -353,6 +360,12 @@ struct NodeClientVerifier {
 impl ClientCertVerifier for NodeClientVerifier {
     fn root_hint_subjects(&self) -> &[TlsDn] {
         self.inner.root_hint_subjects()
+    }
+
+    /// Optional at the TLS layer so a joining node (no certificate yet) can reach the join
+    /// service; the endpoint refuses every certificate-less connection that is not a join.
+    fn client_auth_mandatory(&self) -> bool {
+        false
     }
 
     fn verify_client_cert(

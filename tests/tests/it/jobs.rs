@@ -134,3 +134,32 @@ fn distributed_jobs_match_quiver_run_and_bad_input_leaves_the_cluster_serving() 
     let v = submit_wait(&c, 2, &again);
     assert_eq!(v["result_digest"], reference(&c, &g, algos[0]).as_str());
 }
+
+/// A worker SIGKILLed mid-job: its partition is re-placed on a survivor in a new epoch, every
+/// owner rolls back to the last checkpoint, and the result is still `quiver run`'s, bit for bit.
+#[test]
+fn a_job_survives_losing_a_worker_with_the_undisturbed_result() {
+    let mut c = formed_cluster();
+    let dir = c.dir.path().to_path_buf();
+    let g = dir.join("k.qcsr").display().to_string();
+    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "7", "--out", &g]).ok();
+    let algo: &[&str] = &["--algo", "pagerank", "--iterations", "600"];
+    let want = reference(&c, &g, algo);
+    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "20"];
+    args.extend_from_slice(algo);
+    let r = c.cli(0, &args);
+    assert!(r.status.success(), "{}", r.stderr);
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    // Wait for a checkpoint to be recorded and the job to be well past it, then kill a worker
+    // that is not the job's holder (node 0 took the submit).
+    wait_for("the job past its first checkpoints", CONVERGE * 4, || {
+        let v = c.cli(0, &["job", "get", &id]).json();
+        if v["superstep"].as_u64().unwrap_or(0) >= 50 { Ok(()) } else { Err(v.to_string()) }
+    });
+    c.agents[2].kill9();
+    let w = c.cli(0, &["job", "watch", &id]);
+    assert!(w.status.success(), "the job did not survive: {}\n{}", w.stderr, c.logs());
+    let v = w.json();
+    assert_eq!(v["result_digest"], want.as_str(), "{v}");
+    assert!(v["epoch"].as_u64().unwrap() >= 2, "the job was not re-placed in a new epoch: {v}");
+}

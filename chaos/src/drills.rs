@@ -1,0 +1,746 @@
+//! The drill catalogue and the driver: form a cluster, start the write stream (and a job), inject
+//! the fault, recover, and collect the verdicts.
+//!
+//! Every wait polls with a deadline; the only fixed sleeps are the length of a fault itself (a
+//! 5 s SIGSTOP, a partition held for a few seconds), which is the drill's definition, not a wait
+//! for a state.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use quiver_proto::control::JobState;
+use quiver_tests::agents::LocalCluster;
+use serde::Serialize;
+use tonic::transport::Channel;
+
+use crate::client;
+use crate::verdict::{self, Check, DrillReport};
+
+/// One drill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drill {
+    /// Control-plane writes; SIGKILL the leader; restart it.
+    LeaderKill,
+    /// A job; SIGKILL the leader mid-job.
+    LeaderKillJob,
+    /// A job; SIGKILL a worker (a follower that owns partitions) mid-job.
+    WorkerKillJob,
+    /// Control-plane writes; SIGSTOP the leader for 5 s, then SIGCONT.
+    LeaderStop,
+    /// Control-plane writes; cut one follower off from everyone for 5 s, then heal.
+    MinorityPartition,
+    /// Control-plane writes; cut the leader off from the majority for 5 s, then heal.
+    LeaderIsolated,
+    /// A job under 10% packet loss and 20 ms delay on every link for its whole run.
+    LossyLinksJob,
+    /// A job; restart every node in turn (SIGTERM, start again) while it runs.
+    RollingRestartJob,
+    /// Control-plane writes; SIGKILL every node, restart all from disk.
+    FullRestart,
+    /// 5 nodes, a job and writes; SIGKILL the leader and a follower at once.
+    TwoNodesLost,
+    /// Control-plane writes; the raft-log fsync fails on a follower (failpoint), which stops;
+    /// restart it from disk.
+    FsyncFailFollower,
+}
+
+impl Drill {
+    pub const ALL: [Drill; 11] = [
+        Drill::LeaderKill,
+        Drill::LeaderKillJob,
+        Drill::WorkerKillJob,
+        Drill::LeaderStop,
+        Drill::MinorityPartition,
+        Drill::LeaderIsolated,
+        Drill::LossyLinksJob,
+        Drill::RollingRestartJob,
+        Drill::FullRestart,
+        Drill::TwoNodesLost,
+        Drill::FsyncFailFollower,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Drill::LeaderKill => "leader-kill",
+            Drill::LeaderKillJob => "leader-kill-job",
+            Drill::WorkerKillJob => "worker-kill-job",
+            Drill::LeaderStop => "leader-stop",
+            Drill::MinorityPartition => "minority-partition",
+            Drill::LeaderIsolated => "leader-isolated",
+            Drill::LossyLinksJob => "lossy-links-job",
+            Drill::RollingRestartJob => "rolling-restart-job",
+            Drill::FullRestart => "full-restart",
+            Drill::TwoNodesLost => "two-nodes-lost",
+            Drill::FsyncFailFollower => "fsync-fail-follower",
+        }
+    }
+
+    /// The drill named `name`, or `None`.
+    pub fn parse(name: &str) -> Option<Drill> {
+        Drill::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    fn runs_job(self) -> bool {
+        matches!(
+            self,
+            Drill::LeaderKillJob
+                | Drill::WorkerKillJob
+                | Drill::LossyLinksJob
+                | Drill::RollingRestartJob
+                | Drill::TwoNodesLost
+        )
+    }
+
+    fn needs_network_faults(self) -> bool {
+        matches!(self, Drill::MinorityPartition | Drill::LeaderIsolated | Drill::LossyLinksJob)
+    }
+
+    fn min_nodes(self) -> usize {
+        if self == Drill::TwoNodesLost { 5 } else { 3 }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The `quiver` binary the agents run (`quiver chaos` passes itself).
+    pub bin: PathBuf,
+    pub drills: Vec<Drill>,
+    pub seeds: Vec<u64>,
+    /// Cluster size (raised to a drill's minimum).
+    pub nodes: usize,
+    /// Kronecker scale of the job's graph.
+    pub scale: u32,
+    /// PageRank iterations of the job.
+    pub iterations: u32,
+}
+
+/// Every drill's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub passed: bool,
+    pub drills: Vec<DrillReport>,
+}
+
+/// Runs every drill with every seed; prints one line per drill as it ends (to stderr when
+/// `quiet_stdout`, so stdout can end with the JSON).
+pub fn run(opts: &Options, quiet_stdout: bool) -> RunReport {
+    let mut reports = Vec::new();
+    for &drill in &opts.drills {
+        for &seed in &opts.seeds {
+            let r = run_one(opts, drill, seed);
+            let line = summary(&r);
+            if quiet_stdout {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
+            }
+            reports.push(r);
+        }
+    }
+    RunReport { passed: reports.iter().all(|r| r.passed), drills: reports }
+}
+
+fn summary(r: &DrillReport) -> String {
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
+    let mut s = format!(
+        "{} {} seed {} ({} nodes, {:.1} s): serving again after {}, job finished after {}, {} writes acknowledged",
+        if r.passed { "PASS" } else { "FAIL" },
+        r.drill,
+        r.seed,
+        r.nodes,
+        r.duration_ms / 1e3,
+        ms(r.recovery_serving_ms),
+        ms(r.recovery_job_ms),
+        r.acknowledged_writes
+    );
+    for c in r.checks.iter().filter(|c| !c.ok) {
+        s += &format!("\n  FAILED {}: {}", c.name, c.evidence);
+    }
+    if !r.passed && !r.logs.is_empty() {
+        s += &format!("\n{}", r.logs);
+    }
+    s
+}
+
+const READY: Duration = Duration::from_secs(30);
+const CONVERGE: Duration = Duration::from_secs(30);
+/// A job must finish within this long after its fault.
+const JOB_DEADLINE: Duration = Duration::from_secs(180);
+
+fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
+    let t0 = Instant::now();
+    let nodes = opts.nodes.max(drill.min_nodes());
+    let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cx = Ctx {
+        c: LocalCluster::with_bin(&refs, opts.bin.clone()),
+        flags: if drill.needs_network_faults() { vec!["--fault-injection"] } else { vec![] },
+        client: 0xC4A0_5000_0000 ^ (seed << 8) ^ u64::from(std::process::id()),
+        rt: tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime"),
+        seed,
+        checks: Vec::new(),
+        serving_ms: None,
+        job_ms: None,
+    };
+    let outcome = cx.drive(opts, drill);
+    let mut acked = 0;
+    match outcome {
+        Ok(n) => acked = n,
+        Err(e) => cx.checks.push(Check::new("drill_ran", false, format!("{e:#}"))),
+    }
+    let passed = cx.checks.iter().all(|c| c.ok) && !cx.checks.is_empty();
+    let logs = if passed { String::new() } else { cx.c.logs() };
+    for a in &mut cx.c.agents {
+        a.kill9();
+    }
+    DrillReport {
+        drill: drill.name(),
+        seed,
+        nodes,
+        passed,
+        checks: cx.checks,
+        recovery_serving_ms: cx.serving_ms,
+        recovery_job_ms: cx.job_ms,
+        acknowledged_writes: acked,
+        duration_ms: t0.elapsed().as_secs_f64() * 1e3,
+        logs,
+    }
+}
+
+/// One drill's cluster and what it has recorded.
+struct Ctx {
+    c: LocalCluster,
+    flags: Vec<&'static str>,
+    client: u64,
+    rt: tokio::runtime::Runtime,
+    seed: u64,
+    checks: Vec<Check>,
+    serving_ms: Option<f64>,
+    job_ms: Option<f64>,
+}
+
+/// The job a drill runs and the digest `quiver run` computes for it.
+struct JobRun {
+    id: u64,
+    want: String,
+}
+
+impl Ctx {
+    fn ch(&self, i: usize) -> Result<Channel> {
+        // A lazy channel spawns its connection task on the current runtime.
+        let _rt = self.rt.enter();
+        client::channel(&self.c.agents[i].addr(), &self.c.client_tls, Duration::from_secs(2))
+    }
+
+    fn until<T>(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> Result<T>) -> Result<T> {
+        let deadline = Instant::now() + within;
+        loop {
+            match f(self) {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() >= deadline => bail!("timed out after {within:?} waiting for {what}: {e:#}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(25)),
+            }
+        }
+    }
+
+    fn start(&mut self, i: usize, membership: &[&str]) {
+        let mut args: Vec<&str> = membership.to_vec();
+        args.extend(self.flags.iter().copied());
+        self.c.agents[i].start(&args);
+    }
+
+    fn ready(&self, i: usize) -> Result<()> {
+        match self.c.agents[i].http_get("/readyz") {
+            Ok((200, _)) => Ok(()),
+            other => bail!("{}: {other:?}", self.c.agents[i].name),
+        }
+    }
+
+    fn form(&mut self) -> Result<()> {
+        self.start(0, &["--bootstrap"]);
+        self.until("the first node ready", READY, |s| s.ready(0))?;
+        let seed = self.c.agents[0].peer_addr();
+        for i in 1..self.c.agents.len() {
+            self.start(i, &["--join", &seed]);
+            self.until("a joiner ready", READY, |s| s.ready(i))?;
+        }
+        self.converged(CONVERGE)
+    }
+
+    /// Every node lists every node as alive and names the same leader.
+    fn converged(&self, within: Duration) -> Result<()> {
+        let n = self.c.agents.len();
+        self.until("membership to converge", within, |s| {
+            let mut leaders = Vec::new();
+            for i in 0..n {
+                let ch = s.ch(i)?;
+                let ms = s.rt.block_on(client::members(&ch))?;
+                let alive = ms.iter().filter(|m| m.liveness == 1).count();
+                ensure!(
+                    ms.len() == n && alive == n,
+                    "{} sees {} members, {alive} alive: {:?}",
+                    s.c.agents[i].name,
+                    ms.len(),
+                    ms.iter().map(|m| (&m.name, m.liveness)).collect::<Vec<_>>()
+                );
+                leaders.push(s.rt.block_on(client::leader_name(&ch))?);
+            }
+            ensure!(leaders.windows(2).all(|w| w[0] == w[1]), "nodes name different leaders: {leaders:?}");
+            Ok(())
+        })
+    }
+
+    fn leader(&self) -> Result<usize> {
+        let n = self.c.agents.len();
+        self.until("a leader", READY, |s| {
+            for i in (0..n).filter(|&i| s.c.agents[i].pid().is_some()) {
+                if let Ok(name) = s.rt.block_on(async { client::leader_name(&s.ch(i)?).await }) {
+                    return s.c.agents.iter().position(|a| a.name == name).context("leader name not in the cluster");
+                }
+            }
+            bail!("no running node names a leader")
+        })
+    }
+
+    /// A follower chosen by the seed, other than `not`.
+    fn follower(&self, leader: usize, not: &[usize]) -> usize {
+        let n = self.c.agents.len();
+        let candidates: Vec<usize> = (0..n).filter(|i| *i != leader && !not.contains(i)).collect();
+        candidates[(self.seed as usize) % candidates.len()]
+    }
+
+    fn writer(&self, first_seq: u64) -> Writer {
+        Writer::start(
+            self.c.agents.iter().map(|a| a.addr()).collect(),
+            self.c.client_tls.clone(),
+            self.client,
+            first_seq,
+        )
+    }
+
+    fn prepare_job(&self, opts: &Options) -> Result<(String, String)> {
+        let dir = self.c.dir.path();
+        let g = dir.join("graph.qcsr").display().to_string();
+        let scale = opts.scale.to_string();
+        let gen_ =
+            quiver(&opts.bin, dir, &["graph", "generate", "kronecker", "--scale", &scale, "--seed", "1", "--out", &g])?;
+        ensure!(gen_.0, "quiver graph generate failed: {}", gen_.2);
+        let iters = opts.iterations.to_string();
+        let run =
+            quiver(&opts.bin, dir, &["run", "--graph", &g, "--algo", "pagerank", "--iterations", &iters, "--json"])?;
+        ensure!(run.0, "quiver run failed: {}", run.2);
+        let v: serde_json::Value = serde_json::from_str(run.1.lines().last().unwrap_or_default())
+            .with_context(|| format!("quiver run --json printed {:?}", run.1))?;
+        let want = v["result_digest"].as_str().context("quiver run --json has no result_digest")?.to_string();
+        Ok((g, want))
+    }
+
+    fn submit_job(&self, opts: &Options, graph: &str, want: String, via: usize) -> Result<JobRun> {
+        let iters = opts.iterations.to_string();
+        let parts = self.c.agents.len().to_string();
+        let r = self.c.cli(
+            via,
+            &["submit", graph, "--by-path", "--algo", "pagerank", "--iterations", &iters, "--partitions", &parts],
+        );
+        ensure!(r.status.success(), "quiver submit failed: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap_or_default())?;
+        Ok(JobRun { id: v["id"].as_u64().context("submit printed no id")?, want })
+    }
+
+    /// Waits until the job has done `steps` supersteps; an already finished job is an error
+    /// (the fault would not land mid-job).
+    fn job_mid_run(&self, job: &JobRun, steps: u64) -> Result<()> {
+        let n = self.c.agents.len();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = String::from("no node answers");
+        while Instant::now() < deadline {
+            for i in (0..n).filter(|&i| self.c.agents[i].pid().is_some()) {
+                let Ok(j) = self.rt.block_on(async { client::job(&self.ch(i)?, job.id).await }) else { continue };
+                if j.state == JobState::Running as i32 && j.superstep >= steps {
+                    return Ok(());
+                }
+                if j.state >= JobState::Succeeded as i32 {
+                    bail!(
+                        "job {} ended (state {}, superstep {}: {}) before the fault; raise --iterations or --scale",
+                        job.id,
+                        j.state,
+                        j.superstep,
+                        j.error
+                    );
+                }
+                last = format!("job {} at superstep {} (state {})", job.id, j.superstep, j.state);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("timed out waiting for the job to reach superstep {steps}: {last}")
+    }
+
+    /// Follows the job to its end; records fault → finished and the result check.
+    fn job_verdict(&mut self, job: &JobRun, fault_at: Instant) {
+        let n = self.c.agents.len();
+        let end = self.until("the job to end", JOB_DEADLINE, |s| {
+            for i in (0..n).filter(|&i| s.c.agents[i].pid().is_some()) {
+                let Ok(j) = s.rt.block_on(async { client::job(&s.ch(i)?, job.id).await }) else { continue };
+                if j.state >= JobState::Succeeded as i32 {
+                    return Ok(j);
+                }
+            }
+            bail!("job {} still running or no node answers", job.id)
+        });
+        let check = match end {
+            Ok(j) => {
+                self.job_ms = Some(fault_at.elapsed().as_secs_f64() * 1e3);
+                let got: String = j.result_digest.iter().map(|b| format!("{b:02x}")).collect();
+                let ok = j.state == JobState::Succeeded as i32 && got == job.want;
+                Check::new(
+                    "job_result_equals_quiver_run",
+                    ok,
+                    if j.state == JobState::Succeeded as i32 {
+                        format!("digest {got}, quiver run {}", job.want)
+                    } else {
+                        format!("job {} ended in state {} at superstep {}: {}", job.id, j.state, j.superstep, j.error)
+                    },
+                )
+            }
+            Err(e) => Check::new("job_result_equals_quiver_run", false, format!("{e:#}")),
+        };
+        self.checks.push(check);
+    }
+
+    /// Cuts `group` off from every other node, in both directions, on both sides.
+    fn partition(&self, group: &[usize]) -> Result<()> {
+        let n = self.c.agents.len();
+        for i in 0..n {
+            let others: Vec<String> = (0..n)
+                .filter(|j| group.contains(&i) != group.contains(j))
+                .map(|j| self.c.agents[j].peer_addr())
+                .collect();
+            self.net(i, &serde_json::json!({ "partition": others, "seed": self.seed }).to_string())?;
+        }
+        Ok(())
+    }
+
+    fn net(&self, i: usize, rules: &str) -> Result<()> {
+        match self.c.agents[i].http("POST", "/chaos/net", rules) {
+            Ok((200, _)) => Ok(()),
+            other => bail!("{}: POST /chaos/net {rules}: {other:?}", self.c.agents[i].name),
+        }
+    }
+
+    fn heal(&self) -> Result<()> {
+        (0..self.c.agents.len()).try_for_each(|i| self.net(i, "{}"))
+    }
+
+    fn restart(&mut self, i: usize) -> Result<()> {
+        self.start(i, &[]);
+        self.until("a restarted node ready", READY, |s| s.ready(i))
+    }
+
+    /// The drill itself; returns the number of acknowledged writes.
+    fn drive(&mut self, opts: &Options, drill: Drill) -> Result<usize> {
+        let job_input = if drill.runs_job() { Some(self.prepare_job(opts)?) } else { None };
+        self.form()?;
+        let writer = self.writer(1);
+        writer.wait_acks(3, READY).context("writes before the fault")?;
+        let leader = self.leader()?;
+        let mut job = None;
+        if let Some((g, want)) = job_input {
+            // Submitted to a follower that survives every drill's fault: it holds the graph.
+            let via = self.follower(leader, &[]);
+            let j = self.submit_job(opts, &g, want, via)?;
+            if drill != Drill::LossyLinksJob {
+                self.job_mid_run(&j, 2 + self.seed % 3)?;
+            }
+            job = Some((j, via));
+        }
+        let fault_at;
+        match drill {
+            Drill::LeaderKill | Drill::LeaderKillJob => {
+                fault_at = Instant::now();
+                self.c.agents[leader].kill9();
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+                self.restart(leader)?;
+            }
+            Drill::WorkerKillJob => {
+                let via = job.as_ref().map_or(leader, |(_, v)| *v);
+                let worker = self.follower(leader, &[via]);
+                fault_at = Instant::now();
+                self.c.agents[worker].kill9();
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+                self.restart(worker)?;
+            }
+            Drill::LeaderStop => {
+                fault_at = Instant::now();
+                self.c.agents[leader].stop();
+                self.serving(&writer, fault_at)?;
+                let rest = Duration::from_secs(5).saturating_sub(fault_at.elapsed());
+                std::thread::sleep(rest);
+                self.c.agents[leader].cont();
+            }
+            Drill::MinorityPartition | Drill::LeaderIsolated => {
+                let cut = if drill == Drill::LeaderIsolated { leader } else { self.follower(leader, &[]) };
+                fault_at = Instant::now();
+                self.partition(&[cut])?;
+                self.serving(&writer, fault_at)?;
+                std::thread::sleep(Duration::from_secs(5).saturating_sub(fault_at.elapsed()));
+                self.heal()?;
+            }
+            Drill::LossyLinksJob => {
+                fault_at = Instant::now();
+                let rules = serde_json::json!({ "drop": 0.1, "delay_ms": 20, "seed": self.seed }).to_string();
+                (0..self.c.agents.len()).try_for_each(|i| self.net(i, &rules))?;
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+                self.heal()?;
+            }
+            Drill::RollingRestartJob => {
+                fault_at = Instant::now();
+                for i in 0..self.c.agents.len() {
+                    self.c.agents[i].sigterm(Duration::from_secs(15));
+                    self.restart(i)?;
+                    self.until("the restarted node back in the cluster", CONVERGE, |s| {
+                        let ms = s.rt.block_on(async { client::members(&s.ch(i)?).await })?;
+                        ensure!(ms.iter().all(|m| m.liveness == 1), "not all alive yet");
+                        Ok(())
+                    })?;
+                }
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+            }
+            Drill::FullRestart => {
+                let before = writer.stop();
+                for a in &mut self.c.agents {
+                    a.kill9();
+                }
+                for i in 0..self.c.agents.len() {
+                    self.start(i, &[]);
+                }
+                // Measured from the last process start (the target: serving ≤ 2 s after it).
+                fault_at = Instant::now();
+                let writer = self.writer(1_000_000);
+                self.serving(&writer, fault_at)?;
+                writer.wait_acks(3, READY)?;
+                let after = writer.stop();
+                let mut all = before;
+                all.acked.extend(after.acked);
+                return self.finish(all, None);
+            }
+            Drill::TwoNodesLost => {
+                let via = job.as_ref().map_or(leader, |(_, v)| *v);
+                let other = self.follower(leader, &[via]);
+                fault_at = Instant::now();
+                self.c.agents[leader].kill9();
+                self.c.agents[other].kill9();
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+                self.restart(leader)?;
+                self.restart(other)?;
+            }
+            Drill::FsyncFailFollower => {
+                let f = self.follower(leader, &[]);
+                match self.c.agents[f].http_get("/chaos/failpoints") {
+                    Ok((200, _)) => {}
+                    other => bail!(
+                        "this quiver was built without the `failpoints` feature (GET /chaos/failpoints: {other:?}); \
+                         build with `cargo build --release -p quiver --features failpoints` (`cargo xtask chaos` does)"
+                    ),
+                }
+                fault_at = Instant::now();
+                match self.c.agents[f].http("PUT", "/chaos/failpoints/raft::persist::before", "return") {
+                    Ok((200, _)) => {}
+                    other => bail!("PUT failpoint: {other:?}"),
+                }
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while self.c.agents[f].is_running() {
+                    ensure!(Instant::now() < deadline, "the follower still runs 20 s after its fsync failed");
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+                let log = std::fs::read_to_string(&self.c.agents[f].log).unwrap_or_default();
+                self.checks.push(Check::new(
+                    "follower_stopped_on_fsync_failure",
+                    log.contains("injected fsync failure"),
+                    format!(
+                        "{} exited; its log names the injected failure: {}",
+                        self.c.agents[f].name,
+                        log.contains("injected fsync failure")
+                    ),
+                ));
+                self.serving(&writer, fault_at)?;
+                self.c.agents[f].kill9();
+                self.restart(f)?;
+            }
+        }
+        writer.wait_acks(writer.acked() + 3, READY).context("writes after recovery")?;
+        let log = writer.stop();
+        self.finish(log, job.map(|(j, _)| j.id))
+    }
+
+    /// Records fault → first acknowledgement of a write issued after the fault.
+    fn serving(&mut self, writer: &Writer, fault_at: Instant) -> Result<()> {
+        let t = writer.first_ack_issued_after(fault_at, Duration::from_secs(60))?;
+        self.serving_ms = Some(t.duration_since(fault_at).as_secs_f64() * 1e3);
+        Ok(())
+    }
+
+    /// The common verdicts: writes exactly once, one leader per term, membership converged.
+    fn finish(&mut self, log: WriterLog, job: Option<u64>) -> Result<usize> {
+        let conv = self.converged(CONVERGE);
+        self.checks.push(Check::new(
+            "membership_converged",
+            conv.is_ok(),
+            conv.as_ref()
+                .map_or_else(|e| format!("{e:#}"), |()| format!("{} members alive, one leader", self.c.agents.len())),
+        ));
+        let client = self.client;
+        let listed = self.until("the job list", READY, |s| s.rt.block_on(async { client::jobs(&s.ch(0)?).await }))?;
+        let mine: Vec<(u64, u64)> = listed
+            .iter()
+            .filter_map(|j| j.spec.as_ref().filter(|s| s.client_id == client).map(|s| (s.client_seq, j.job_id)))
+            .collect();
+        self.checks.push(verdict::acknowledged_exactly_once(&log.acked, &mine));
+        if let Some(id) = job {
+            let n = listed.iter().filter(|j| j.job_id == id).count();
+            self.checks.push(Check::new("job_listed_once", n == 1, format!("job {id} listed {n} times")));
+        }
+        let leaders: Vec<(String, String)> = self
+            .c
+            .agents
+            .iter()
+            .map(|a| (a.name.clone(), std::fs::read_to_string(a.data_dir.join("leaders.log")).unwrap_or_default()))
+            .collect();
+        self.checks.push(verdict::one_leader_per_term(&leaders));
+        Ok(log.acked.len())
+    }
+}
+
+/// Runs `quiver ARGS` in `dir`: (success, stdout, stderr).
+fn quiver(bin: &Path, dir: &Path, args: &[&str]) -> Result<(bool, String, String)> {
+    let out = std::process::Command::new(bin).args(args).current_dir(dir).output().context("spawning quiver")?;
+    Ok((out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into()))
+}
+
+/// What the write stream recorded.
+#[derive(Debug, Default, Clone)]
+struct WriterLog {
+    /// seq → acknowledged job id.
+    acked: BTreeMap<u64, u64>,
+    /// (issued, acknowledged) per acknowledged write.
+    times: Vec<(Instant, Instant)>,
+}
+
+/// A stream of control-plane writes (tiny job submits with client-chosen request ids), one at a
+/// time, on its own thread: each write is retried with the same id on the next node until it is
+/// acknowledged or 30 s pass.
+struct Writer {
+    log: Arc<Mutex<WriterLog>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(addrs: Vec<String>, tls: PathBuf, client: u64, first_seq: u64) -> Writer {
+        let log = Arc::new(Mutex::new(WriterLog::default()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, s) = (log.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            let _rt = rt.enter();
+            let chans: Vec<Channel> =
+                addrs.iter().filter_map(|a| client::channel(a, &tls, Duration::from_secs(2)).ok()).collect();
+            let mut seq = first_seq;
+            while !s.load(Ordering::Relaxed) {
+                let issued = Instant::now();
+                let give_up = issued + Duration::from_secs(30);
+                loop {
+                    if s.load(Ordering::Relaxed) || Instant::now() > give_up {
+                        break;
+                    }
+                    // Hedged: the same request id to every node at once, the first answer wins.
+                    // A dead or stalled node cannot delay the write, and the duplicates exercise
+                    // the idempotence that "exactly once" relies on.
+                    let acked = rt.block_on(async {
+                        let mut set = tokio::task::JoinSet::new();
+                        for ch in &chans {
+                            let ch = ch.clone();
+                            set.spawn(async move { client::submit_tiny(&ch, client, seq).await });
+                        }
+                        while let Some(r) = set.join_next().await {
+                            if let Ok(Ok(id)) = r {
+                                return Some(id);
+                            }
+                        }
+                        None
+                    });
+                    if let Some(id) = acked {
+                        let mut g = l.lock().unwrap_or_else(|e| e.into_inner());
+                        g.acked.insert(seq, id);
+                        g.times.push((issued, Instant::now()));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                seq += 1;
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        Writer { log, stop, thread: Some(thread) }
+    }
+
+    fn acked(&self) -> usize {
+        self.log.lock().map_or(0, |g| g.acked.len())
+    }
+
+    fn wait_acks(&self, n: usize, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
+        while self.acked() < n {
+            ensure!(Instant::now() < deadline, "only {} of {n} writes acknowledged within {within:?}", self.acked());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    fn first_ack_issued_after(&self, t: Instant, within: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + within;
+        loop {
+            let found =
+                self.log.lock().ok().and_then(|g| g.times.iter().filter(|(i, _)| *i >= t).map(|(_, a)| *a).min());
+            if let Some(a) = found {
+                return Ok(a);
+            }
+            ensure!(Instant::now() < deadline, "no write issued after the fault was acknowledged within {within:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn stop(mut self) -> WriterLog {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.log.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
