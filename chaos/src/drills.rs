@@ -647,8 +647,8 @@ struct WriterLog {
 }
 
 /// A stream of control-plane writes (tiny job submits with client-chosen request ids), one at a
-/// time, on its own thread: each write is retried with the same id on the next node until it is
-/// acknowledged or 30 s pass.
+/// time, on its own thread: each write goes to every node at once and is retried with the same id
+/// until one acknowledges it or 30 s pass.
 struct Writer {
     log: Arc<Mutex<WriterLog>>,
     stop: Arc<AtomicBool>,

@@ -31,10 +31,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub seeds: Option<String>,
     /// Kronecker scale of the jobs' graph.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 18)]
     pub scale: u32,
     /// PageRank iterations of the jobs (enough that a fault lands mid-job).
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 200)]
     pub iterations: u32,
     /// Print one JSON object (every drill's report) as the last line.
     #[arg(long)]

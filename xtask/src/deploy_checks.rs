@@ -234,7 +234,9 @@ fn the_two_dockerfiles_build_the_same_image() {
 
 #[test]
 fn compose_runs_three_agents_through_one_seed() {
-    let v: Value = serde_yaml::from_str(&read("deploy/compose.yaml")).expect("compose.yaml");
+    let mut v: Value = serde_yaml::from_str(&read("deploy/compose.yaml")).expect("compose.yaml");
+    // The services share settings through YAML merge keys (`<<: *agent`), as Compose resolves them.
+    v.apply_merge().expect("compose.yaml merge keys");
     let services = v["services"].as_mapping().expect("services");
     let agents: Vec<(&str, &Value)> = services
         .iter()

@@ -219,7 +219,9 @@ pub struct PartitionState<P> {
     owned: usize,
     /// Current local vector: owned rows, then halo rows.
     cur: Vec<f32>,
-    /// The next iterate's owned rows are written here, then swapped with `cur`.
+    /// The next iterate's owned rows are written here (`owned × width`), then swapped with `cur`
+    /// when the partition has no halo, or copied over `cur`'s owned rows when it has one (so a
+    /// partition never holds its halo twice: at APPNP widths that is hundreds of megabytes).
     next: Vec<f32>,
     aux: Vec<f32>,
     scratch: Vec<f32>,
@@ -233,7 +235,7 @@ impl<P> PartitionState<P> {
         let mut cur = huge_zeroed(g.locals() * width);
         let mut aux = Vec::new();
         let partials = kernel.init(g, &prep, &mut cur[..g.owned() * width], &mut aux);
-        let next = huge_zeroed(g.locals() * width);
+        let next = huge_zeroed(g.owned() * width);
         (Self { prep, width, owned: g.owned(), cur, next, aux, scratch: Vec::new() }, partials)
     }
 
@@ -250,7 +252,11 @@ impl<P> PartitionState<P> {
             &mut self.aux,
             &mut self.scratch,
         );
-        std::mem::swap(&mut self.cur, &mut self.next);
+        if self.cur.len() == self.next.len() {
+            std::mem::swap(&mut self.cur, &mut self.next);
+        } else {
+            self.cur[..self.owned * w].copy_from_slice(&self.next);
+        }
         partials
     }
 
@@ -308,7 +314,7 @@ impl<P> PartitionState<P> {
         }
         let mut cur = huge_zeroed(g.locals() * width);
         cur[..want_values].copy_from_slice(values);
-        let next = huge_zeroed(g.locals() * width);
+        let next = huge_zeroed(g.owned() * width);
         let prep = kernel.prepare(g);
         Ok(Self { prep, width, owned: g.owned(), cur, next, aux: aux.to_vec(), scratch: Vec::new() })
     }

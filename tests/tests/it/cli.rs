@@ -87,3 +87,15 @@ fn bad_input_is_named_and_refused() {
     let e = quiver(d, &["run", "--graph", "g.qcsr", "--algo", "pagerank", "--damping", "1.5"]).err().to_string();
     assert!(e.contains("damping"), "{e}");
 }
+
+/// The README's main command: a three-agent cluster in one process, two distributed jobs, each
+/// checked bit for bit against the single-process run.
+#[test]
+fn demo_runs_a_three_node_cluster_and_matches_the_single_process_results() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = quiver(dir.path(), &["demo", "--scale", "10", "--feature-dim", "4"]);
+    let text = out.ok();
+    assert!(text.contains("3 agents") && text.contains("leader n"), "{text}");
+    assert_eq!(text.matches("bit-identical").count(), 2, "{text}");
+    assert!(text.lines().last().unwrap_or("").starts_with("ok"), "{text}");
+}

@@ -1,0 +1,216 @@
+//! `quiver bench job`: a distributed job on a local cluster of this very binary against
+//! `quiver run` on the same graph, in the same run.
+//!
+//! It generates a Kronecker graph (or takes `--graph`), times `quiver run --threads T` in its own
+//! process (the COST baseline), starts `--nodes` agents on loopback, submits the same job by path
+//! with one partition per node, follows it with `Watch`, and reports: the whole job (submit
+//! acknowledged → succeeded, including cutting and shipping the partitions), the steady
+//! superstep time (first to last superstep report), both as ratios to `quiver run`, whether the
+//! result digests match, and every agent's peak RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use quiver_proto::control::jobs_client::JobsClient;
+use quiver_proto::control::{
+    GetJobRequest, GraphFormat, JobSpec, JobState, Kernel, KernelParams, SubmitRequest, WatchJobRequest, submit_request,
+};
+use quiver_tests::agents::{LocalCluster, wait_for};
+use serde_json::{Value, json};
+
+use crate::client::{Conn, Output, connect};
+
+/// Flags of `quiver bench job`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Kronecker scale of the generated graph.
+    #[arg(long, default_value_t = 20)]
+    pub scale: u32,
+    /// Use this graph file instead of generating one.
+    #[arg(long)]
+    pub graph: Option<PathBuf>,
+    /// Agents (and partitions).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// pagerank or appnp.
+    #[arg(long, default_value = "pagerank")]
+    pub algo: String,
+    #[arg(long, default_value_t = 20)]
+    pub iterations: u32,
+    /// APPNP feature width.
+    #[arg(long, default_value_t = 64)]
+    pub feature_dim: u32,
+    /// Threads of the `quiver run` baseline.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const NAMES: [&str; 7] = ["w1", "w2", "w3", "w4", "w5", "w6", "w7"];
+const DEADLINE: Duration = Duration::from_secs(600);
+
+pub fn run(a: Args) -> Result<()> {
+    ensure!((1..=NAMES.len()).contains(&a.nodes), "--nodes must be between 1 and {}", NAMES.len());
+    let exe = std::env::current_exe().context("locating the quiver binary")?;
+    let mut c = LocalCluster::with_bin(&NAMES[..a.nodes], exe.clone());
+    let dir = c.dir.path().to_path_buf();
+    let graph = match &a.graph {
+        Some(g) => std::path::absolute(g)?,
+        None => {
+            let g = dir.join(format!("kronecker-{}.qcsr", a.scale));
+            let scale = a.scale.to_string();
+            let path = g.to_str().context("temp path")?;
+            quiver(&exe, &dir, &["graph", "generate", "kronecker", "--scale", &scale, "--out", path])?;
+            g
+        }
+    };
+    let gpath = graph.to_str().context("graph path is not UTF-8")?.to_string();
+    let iterations = a.iterations.to_string();
+    let dim = a.feature_dim.to_string();
+    let threads = a.threads.to_string();
+    let mut algo: Vec<&str> = vec!["--algo", &a.algo, "--iterations", &iterations];
+    let (kernel, alpha, width) = match a.algo.as_str() {
+        "pagerank" => (Kernel::Pagerank, 0.85f32, 0),
+        "appnp" => {
+            algo.extend(["--feature-dim", &dim]);
+            (Kernel::Appnp, 0.1f32, a.feature_dim)
+        }
+        other => bail!("--algo {other}: expected pagerank or appnp"),
+    };
+    if !a.json {
+        eprintln!("running quiver run --threads {} …", a.threads);
+    }
+    let mut run_args = vec!["run", "--graph", gpath.as_str(), "--json", "--threads", &threads];
+    run_args.extend(&algo);
+    let reference: Value =
+        serde_json::from_str(quiver(&exe, &dir, &run_args)?.lines().last().context("quiver run printed nothing")?)?;
+
+    if !a.json {
+        eprintln!("starting {} agents …", a.nodes);
+    }
+    c.agents[0].start(&["--bootstrap"]);
+    c.agents[0].wait_ready(Duration::from_secs(30));
+    let seed = c.agents[0].peer_addr();
+    for agent in &mut c.agents[1..] {
+        agent.start(&["--join", &seed]);
+    }
+    for agent in &mut c.agents[1..] {
+        agent.wait_ready(Duration::from_secs(30));
+    }
+    wait_for("every agent alive", Duration::from_secs(30), || {
+        let r = c.cli(0, &["members"]);
+        let alive = r.json().as_array().map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
+        if alive == a.nodes { Ok(()) } else { Err(format!("{alive} alive")) }
+    });
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let conn = Conn { addr: c.agents[0].addr(), tls_dir: Some(c.client_tls.clone()), output: Output::Json };
+    let spec = JobSpec {
+        name: format!("bench-{}", a.algo),
+        params: Some(KernelParams {
+            kernel: kernel as i32,
+            alpha: f64::from(alpha),
+            max_iterations: a.iterations,
+            width,
+            feature_seed: 1,
+            ..Default::default()
+        }),
+        format: GraphFormat::QuiverCsr as i32,
+        graph_path: gpath.clone(),
+        partitions: a.nodes as u32,
+        ..Default::default()
+    };
+    if !a.json {
+        eprintln!("submitting the job …");
+    }
+    let (job_seconds, steps, job) = rt.block_on(async {
+        let mut jobs = JobsClient::new(connect(&conn, None).await?);
+        let t = Instant::now();
+        let msgs = vec![SubmitRequest { body: Some(submit_request::Body::Spec(spec)) }];
+        let id = jobs.submit(tonic::codegen::tokio_stream::iter(msgs)).await?.into_inner().job_id;
+        let mut watch = jobs.watch(WatchJobRequest { job_id: id }).await?.into_inner();
+        let mut steps: Vec<(u64, f64)> = Vec::new();
+        while let Some(p) = tokio::time::timeout(DEADLINE, watch.message()).await.context("the job stalled")?? {
+            if steps.last().is_none_or(|(s, _)| *s != p.superstep) && p.superstep > 0 {
+                steps.push((p.superstep, t.elapsed().as_secs_f64()));
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let job = jobs.get(GetJobRequest { job_id: id }).await?.into_inner();
+        Ok::<_, anyhow::Error>((secs, steps, job))
+    })?;
+    ensure!(job.state == JobState::Succeeded as i32, "the job did not succeed: {}", job.error);
+    let rss: Vec<u64> = c.agents.iter().map(|ag| ag.pid().map_or(0, peak_rss)).collect();
+    let digest = crate::run::hex(&job.result_digest);
+    let matches = reference["result_digest"].as_str() == Some(digest.as_str());
+    let run_compute = reference["compute_seconds"].as_f64().unwrap_or(f64::NAN);
+    let run_per_iter = reference["seconds_per_iteration"].as_f64().unwrap_or(f64::NAN);
+    let per_step = match (steps.first(), steps.last()) {
+        (Some((s0, t0)), Some((s1, t1))) if s1 > s0 => (t1 - t0) / (s1 - s0) as f64,
+        _ => f64::NAN,
+    };
+    let out = json!({
+        "algo": a.algo,
+        "nodes": a.nodes,
+        "graph": gpath,
+        "vertices": reference["vertices"],
+        "edges": reference["edges"],
+        "iterations": a.iterations,
+        "run_threads": a.threads,
+        "run_compute_seconds": run_compute,
+        "run_seconds_per_iteration": run_per_iter,
+        "job_seconds": job_seconds,
+        "job_seconds_per_superstep": per_step,
+        "ratio_job_to_run": job_seconds / run_compute,
+        "ratio_superstep_to_iteration": per_step / run_per_iter,
+        "result_digest": digest,
+        "digest_matches_quiver_run": matches,
+        "agent_peak_rss_bytes": rss,
+        "run_peak_rss_bytes": reference["peak_rss_bytes"],
+    });
+    if a.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{} on {} vertices / {} edges, {} iterations\n  quiver run ({} threads): {run_compute:.3} s ({run_per_iter:.4} s/iteration)\n  \
+             {} agents: job {job_seconds:.3} s ({:.2}× quiver run), superstep {per_step:.4} s ({:.2}×)\n  \
+             digest {} {}; agent peak RSS {} MB",
+            a.algo,
+            reference["vertices"],
+            reference["edges"],
+            a.iterations,
+            a.threads,
+            a.nodes,
+            job_seconds / run_compute,
+            per_step / run_per_iter,
+            &digest[..16.min(digest.len())],
+            if matches { "matches quiver run" } else { "DIFFERS from quiver run" },
+            rss.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join(" / ")
+        );
+    }
+    ensure!(matches, "the distributed result differs from quiver run's");
+    Ok(())
+}
+
+fn quiver(exe: &Path, dir: &Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(exe).args(args).current_dir(dir).output().context("running quiver")?;
+    if !out.status.success() {
+        bail!("quiver {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A process's peak resident set (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
