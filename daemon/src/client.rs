@@ -61,7 +61,7 @@ pub struct SubmitArgs {
     /// Upload chunk size in bytes (the server refuses messages above 4 MiB).
     #[arg(long, default_value_t = 1 << 20, hide = true)]
     pub chunk_bytes: usize,
-    /// Checkpoint every K supersteps (0: about once a second of superstep time).
+    /// Checkpoint every K supersteps (0: about every 5 s of superstep time).
     #[arg(long, default_value_t = 0)]
     pub checkpoint_every: u32,
     /// Do not upload: the graph path is read by the node that takes the submit.

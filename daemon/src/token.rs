@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Subcommand;
 use prost::Message as _;
-use quiver_coordinator::state::{Token, TokenPurpose};
+use quiver_coordinator::state::{Token, TokenPurpose, TokenRefusal};
 use quiver_coordinator::{Command, Op, Outcome, RequestId};
 use quiver_node_agent::transport::tls::{
     CA_CERT_FILE, JOIN_ALPN, NODE_CERT_FILE, NODE_KEY_FILE, node_id_of, node_server_name,
@@ -311,6 +311,7 @@ async fn sign_join(shared: &Shared, tls_dir: &Path, body: &[u8]) -> Result<JoinR
     }
     let ca_key = crate::tls::read(&key_path).map_err(|e| format!("{e:#}"))?;
     let issuer = crate::tls::issuer(&ca_pem, &ca_key).map_err(|e| format!("{e:#}"))?;
+    precheck(shared, &token).await?;
     let cmd = Command {
         request: RequestId { client: random_u64(), seq: 1 },
         op: Op::UseToken {
@@ -331,6 +332,31 @@ async fn sign_join(shared: &Shared, tls_dir: &Path, body: &[u8]) -> Result<JoinR
     let cert = signed.signed_by(&issuer).map_err(|e| format!("signing: {e}"))?;
     tracing::info!(node = %name, node_id, token = %token.id, "signed a node certificate for a token join");
     Ok(JoinResponse { node_id, cert_pem: cert.pem(), ca_pem, members: vec![] })
+}
+
+/// Refuses, from this node's view and without proposing anything, a token the cluster would
+/// refuse: guessed or spent tokens never reach the Raft log. A token this node has not seen yet
+/// (created through another node a moment ago) gets a short wait for the view to catch up.
+async fn precheck(shared: &Shared, token: &ParsedToken) -> Result<(), String> {
+    let mut view = shared.view.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    loop {
+        let known = view.borrow_and_update().state.tokens.get(&token.id).cloned();
+        let refusal = match known {
+            Some(t) if t.secret_hash != token.secret_hash() => Some(TokenRefusal::WrongSecret),
+            Some(t) if t.purpose != TokenPurpose::Join => Some(TokenRefusal::WrongPurpose),
+            Some(t) if now_unix() >= t.expires_unix => Some(TokenRefusal::Expired),
+            Some(t) if t.uses_left == Some(0) => Some(TokenRefusal::AlreadyUsed),
+            Some(_) => return Ok(()),
+            None => match tokio::time::timeout_at(deadline, view.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => Some(TokenRefusal::Unknown),
+            },
+        };
+        if let Some(reason) = refusal {
+            return Err(format!("token {} refused: {reason}", token.id));
+        }
+    }
 }
 
 fn dn_text(v: &rcgen::DnValue) -> Option<String> {

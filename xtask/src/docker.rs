@@ -149,10 +149,8 @@ pub fn compose_test(root: &Path, cargo_build: bool) -> Result<()> {
     }
     std::fs::create_dir_all(&work)?;
     compose.down();
-    let result = (|| {
-        let mut t = ComposeTest { compose: &compose, bin: &bin, work: &work, client_tls: work.join("client") };
-        t.run()
-    })();
+    let test = ComposeTest { compose: &compose, bin: &bin, work: &work, client_tls: work.join("client") };
+    let result = test.run();
     if result.is_err() {
         eprintln!("--- container logs (tail) ---");
         let _ = compose
@@ -231,7 +229,7 @@ struct ComposeTest<'a> {
 const AGENTS: [&str; 3] = ["agent1", "agent2", "agent3"];
 
 impl ComposeTest<'_> {
-    fn run(&mut self) -> Result<()> {
+    fn run(&self) -> Result<()> {
         let t0 = Instant::now();
         self.compose.ok(&["up", "-d"], mins(3))?;
         eprintln!("compose up: {:.1?}", t0.elapsed());
@@ -415,21 +413,24 @@ impl ComposeTest<'_> {
             "--advertise-addr",
             &format!("{solo_ip}:7400"),
         ])?;
-        let result = (|| {
-            let t = Instant::now();
-            docker(&["start", &name])?;
-            let port = docker(&["port", &name, "7402/tcp"])?;
-            let port = port.lines().next().context("no published port")?.trim().to_string();
-            wait("the single agent's /readyz", secs(30), || match http_get(&port, "/readyz") {
-                Ok((200, _)) => Ok(()),
-                other => bail!("{other:?}"),
-            })?;
-            eprintln!("startup: container start → /readyz 200 in {:.0?}", t.elapsed());
-            Ok(())
-        })();
+        let result = time_to_ready(&name);
         let _ = docker(&["rm", "-f", "-v", &name]);
         result
     }
+}
+
+/// `docker start NAME` → its published HTTP port answers /readyz 200; prints the time.
+fn time_to_ready(name: &str) -> Result<()> {
+    let t = Instant::now();
+    docker(&["start", name])?;
+    let port = docker(&["port", name, "7402/tcp"])?;
+    let port = port.lines().next().context("no published port")?.trim().to_string();
+    wait("the single agent's /readyz", secs(30), || match http_get(&port, "/readyz") {
+        Ok((200, _)) => Ok(()),
+        other => bail!("{other:?}"),
+    })?;
+    eprintln!("startup: container start → /readyz 200 in {:.0?}", t.elapsed());
+    Ok(())
 }
 
 fn target_dir(root: &Path) -> PathBuf {

@@ -204,7 +204,7 @@ impl Cluster for ClusterSvc {
         req: Request<quiver_proto::control::CreateTokenRequest>,
     ) -> Result<Response<quiver_proto::control::CreateTokenResponse>, Status> {
         // Tokens are minted by certificate holders only: an API token cannot mint more tokens.
-        if !req.peer_certs().is_some_and(|c| !c.is_empty()) {
+        if req.peer_certs().is_none_or(|c| c.is_empty()) {
             return Err(Status::permission_denied("create token: the caller must present a client certificate"));
         }
         let r = req.into_inner();

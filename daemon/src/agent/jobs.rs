@@ -335,6 +335,13 @@ fn reconcile(
 ) {
     let host = &shared.jobs;
     let me = shared.node_id;
+    // An inherited job stays so only until the epoch this node asked for (or any newer one) is
+    // committed: that epoch's master starts fresh from the checkpoint.
+    inherited.retain(|job| {
+        state.jobs.get(job).is_some_and(|j| {
+            j.state == CoreJobState::Running && !reassigning.iter().any(|(id, e)| *id == j.id && *e < j.epoch)
+        })
+    });
     // Stop what the state no longer wants.
     {
         let mut masters = host.masters.lock().expect("masters");
@@ -371,7 +378,8 @@ fn reconcile(
         if inherited.contains(&j.id) {
             // Ask once per epoch for a fresh one; the new epoch is not inherited.
             if reassigning.insert((j.id, j.epoch)) {
-                let op = Op::Assign { job: j.id, expected_epoch: j.epoch, assignment: j.assignment.clone() };
+                let assignment = place_job(j, state, &SpeedModel::default()).unwrap_or_else(|_| j.assignment.clone());
+                let op = Op::Assign { job: j.id, expected_epoch: j.epoch, assignment };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let cmd = Command { request: RequestId { client: shared.node_id, seq: unique_seq() }, op };
@@ -387,7 +395,6 @@ fn reconcile(
         let handle = tokio::spawn(master(shared.clone(), j.clone(), spec)).abort_handle();
         masters.insert(j.id, (j.epoch, handle));
     }
-    inherited.retain(|job| state.jobs.get(job).is_some_and(|j| reassigning.contains(&(j.id, j.epoch))));
 }
 
 fn progress_of(job: &CoreJob, state: JobState, superstep: u64, residual: f64) -> JobProgress {
@@ -537,7 +544,7 @@ fn fatal(reason: impl Into<String>) -> MasterError {
 }
 
 /// Superstep time between checkpoints when the job does not fix `checkpoint_every`.
-const CHECKPOINT_SECONDS: f64 = 1.0;
+const CHECKPOINT_SECONDS: f64 = 5.0;
 /// New epochs a job may take after losing nodes before it fails.
 const MAX_EPOCH_RETRIES: u32 = 8;
 

@@ -376,6 +376,7 @@ impl RemoteLink {
                             return Ok(());
                         }
                         Some(job_message::Body::Abort(reason)) => return Err(ToMaster::Failed(reason)),
+                        Some(job_message::Body::Lost(reason)) => return Err(ToMaster::Lost(reason)),
                         _ => return Err(ToMaster::Failed("unexpected message from the owner".into())),
                     };
                     let _ = tx.send((p, out));

@@ -176,9 +176,16 @@ pub(crate) async fn run_owner(
         },
     };
     if let Err(reason) = result {
-        let _ = tx.send((p, ToMaster::Failed(reason)));
+        let msg = match reason.strip_prefix(LOST) {
+            Some(r) => ToMaster::Lost(r.to_string()),
+            None => ToMaster::Failed(reason),
+        };
+        let _ = tx.send((p, msg));
     }
 }
+
+/// Marks an owner error as a lost link (retryable in a new epoch) inside this module.
+const LOST: &str = "\u{0}lost:";
 
 /// Each reader's packed values of the current iterate.
 fn pack<P>(state: &PartitionState<P>, mirrors: &[Mirror]) -> Vec<(u32, Segment<f32>)> {
@@ -230,7 +237,7 @@ where
         .await
         .map_err(|e| format!("partition {p}: {e}"))??;
     let secs = t.elapsed().as_secs_f64();
-    halos.send(u64::from(first), width as u32, out).await?;
+    halos.send(u64::from(first), width as u32, out).await.map_err(|e| format!("{LOST}{e}"))?;
     tx.send((p, ToMaster::Partials { step: first, partials: init, compute_seconds: secs }))
         .map_err(|_| "master gone".to_string())?;
 
@@ -258,7 +265,7 @@ where
                 state = next;
                 let secs = t.elapsed().as_secs_f64();
                 metrics::histogram!("quiver_job_superstep_seconds").record(secs);
-                halos.send(u64::from(step), width as u32, out).await?;
+                halos.send(u64::from(step), width as u32, out).await.map_err(|e| format!("{LOST}{e}"))?;
                 tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
                     .map_err(|_| "master gone".to_string())?;
                 if let Some(snapshot) = snapshot {
@@ -458,7 +465,13 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                         break;
                     }
                 }
-                Some((_, ToMaster::Failed(reason) | ToMaster::Lost(reason))) => {
+                Some((_, ToMaster::Lost(reason))) => {
+                    tracing::warn!(job = key.job, partition = p, %reason, "partition lost a link");
+                    let _ = send.send_message(&JobMessage { body: Some(job_message::Body::Lost(reason)) }).await;
+                    let _ = send.finish();
+                    break;
+                }
+                Some((_, ToMaster::Failed(reason))) => {
                     tracing::warn!(job = key.job, partition = p, %reason, "partition failed");
                     let _ = send.send_message(&abort(&reason)).await;
                     let _ = send.finish();

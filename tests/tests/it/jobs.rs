@@ -163,3 +163,32 @@ fn a_job_survives_losing_a_worker_with_the_undisturbed_result() {
     assert_eq!(v["result_digest"], want.as_str(), "{v}");
     assert!(v["epoch"].as_u64().unwrap() >= 2, "the job was not re-placed in a new epoch: {v}");
 }
+
+/// The job's holder (it took the submit, keeps the graph and the checkpoints, and here also
+/// leads) is SIGKILLed mid-job and restarted from its data dir: it takes a new epoch, resumes from
+/// its last checkpoint, and the result is still `quiver run`'s.
+#[test]
+fn a_job_survives_its_holder_restarting_from_disk() {
+    let mut c = formed_cluster();
+    let dir = c.dir.path().to_path_buf();
+    let g = dir.join("k.qcsr").display().to_string();
+    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "8", "--out", &g]).ok();
+    let algo: &[&str] = &["--algo", "heat", "--seeds", "3,99", "--t", "5", "--iterations", "500"];
+    let want = reference(&c, &g, algo);
+    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "25", "--by-path"];
+    args.extend_from_slice(algo);
+    let r = c.cli(0, &args);
+    assert!(r.status.success(), "{}", r.stderr);
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    wait_for("the job past a checkpoint", CONVERGE * 4, || {
+        let v = c.cli(1, &["job", "get", &id]).json();
+        if v["superstep"].as_u64().unwrap_or(0) >= 60 || v["state"] != "running" { Ok(()) } else { Err(v.to_string()) }
+    });
+    c.agents[0].kill9();
+    c.agents[0].start(&[]);
+    c.agents[0].wait_ready(READY);
+    let w = c.cli(1, &["job", "watch", &id]);
+    assert!(w.status.success(), "the job did not survive: {}\n{}", w.stderr, c.logs());
+    let v = w.json();
+    assert_eq!(v["result_digest"], want.as_str(), "{v}");
+}

@@ -3,6 +3,7 @@
 mod chaos;
 mod cli;
 mod cluster;
+mod deploy;
 mod jobs;
 mod raft_sim;
 mod security;
