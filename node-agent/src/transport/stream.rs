@@ -42,8 +42,10 @@ pub fn priority(kind: StreamKind) -> i32 {
         StreamKind::RaftBatch => 90,
         StreamKind::Control => 80,
         StreamKind::ServingForward => 70,
-        // Superstep control (go / partials) is small and on the critical path of every step.
-        StreamKind::Job => 60,
+        // A job stream carries its partition (and snapshots and results) as big frames besides the
+        // small go/partials messages, so it must not hold back halos on the same connection: a
+        // step needs its halos before its next `go` matters anyway.
+        StreamKind::Job => 5,
         StreamKind::HaloExchange => 10,
         StreamKind::PartitionPush | StreamKind::Unspecified => 0,
     }
