@@ -75,19 +75,7 @@ fn spec_of(g: &Csr, params: &Params<'_>) -> (KernelSpec, Option<Segment<f32>>) {
 }
 
 async fn distributed(nodes: &[Node], g: &Arc<Csr>, params: &Params<'_>, owners: &[u64], job: u64) -> Vec<f32> {
-    let (kernel, features) = spec_of(g, params);
-    let mj = MasterJob {
-        key: JobKey { job, epoch: 1 },
-        graph: g.clone(),
-        graph_digest: [7; 32],
-        kernel,
-        features,
-        stop: params.stop,
-        owners: owners.iter().map(|&o| NodeId(o)).collect(),
-        checkpoint_every: None,
-        checkpoint_seconds: 0.0,
-        resume: None,
-    };
+    let mj = master_job(g, params, job, 1, owners);
     let mut steps = 0;
     let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, None, |_| steps += 1))
         .await
@@ -95,6 +83,24 @@ async fn distributed(nodes: &[Node], g: &Arc<Csr>, params: &Params<'_>, owners: 
         .expect("job succeeded");
     assert_eq!(steps, out.iterations);
     out.values
+}
+
+/// The job of `params` on `g` at (`job`, `epoch`), partition `i` owned by node `owners[i]`, no
+/// checkpoints, starting fresh.
+fn master_job(g: &Arc<Csr>, params: &Params<'_>, job: u64, epoch: u64, owners: &[u64]) -> MasterJob {
+    let (kernel, features) = spec_of(g, params);
+    MasterJob {
+        key: JobKey { job, epoch },
+        graph: g.clone(),
+        graph_digest: [0; 32],
+        kernel,
+        features,
+        stop: params.stop,
+        owners: owners.iter().map(|&o| NodeId(o)).collect(),
+        checkpoint_every: None,
+        checkpoint_seconds: 0.0,
+        resume: None,
+    }
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -143,19 +149,7 @@ async fn an_owner_that_is_gone_fails_the_job_with_a_reason() {
     let g = Arc::new(generate::kronecker(7, 8, 1).unwrap());
     let params = Params { algorithm: Algorithm::PageRank { damping: 0.85 }, stop: Stop::iterations(5) };
     nodes[1].transport.shutdown().await;
-    let (kernel, features) = spec_of(&g, &params);
-    let mj = MasterJob {
-        key: JobKey { job: 1, epoch: 1 },
-        graph: g.clone(),
-        graph_digest: [0; 32],
-        kernel,
-        features,
-        stop: params.stop,
-        owners: vec![NodeId(1), NodeId(2)],
-        checkpoint_every: None,
-        checkpoint_seconds: 0.0,
-        resume: None,
-    };
+    let mj = master_job(&g, &params, 1, 1, &[1, 2]);
     let err = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, None, |_| {}))
         .await
         .expect("the failure is reported in time")
@@ -189,19 +183,8 @@ async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical
     ];
     for (job, params) in cases.iter().enumerate() {
         let reference = kernels::run(&g, params, 1).unwrap().values;
-        let (kernel, features) = spec_of(&g, params);
-        let base = MasterJob {
-            key: JobKey { job: 100 + job as u64, epoch: 1 },
-            graph: g.clone(),
-            graph_digest: [1; 32],
-            kernel,
-            features,
-            stop: params.stop,
-            owners: vec![NodeId(1), NodeId(2), NodeId(3)],
-            checkpoint_every: Some(3),
-            checkpoint_seconds: 0.0,
-            resume: None,
-        };
+        let mut base = master_job(&g, params, 100 + job as u64, 1, &[1, 2, 3]);
+        base.checkpoint_every = Some(3);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), base.clone(), Some(tx), |_| {}))
             .await
@@ -237,19 +220,7 @@ async fn an_older_epoch_is_refused() {
     let g = Arc::new(generate::kronecker(7, 8, 1).unwrap());
     let params = Params { algorithm: Algorithm::PageRank { damping: 0.85 }, stop: Stop::iterations(3) };
     nodes[1].rt.set_epoch(5, 4);
-    let (kernel, features) = spec_of(&g, &params);
-    let mj = MasterJob {
-        key: JobKey { job: 5, epoch: 3 },
-        graph: g.clone(),
-        graph_digest: [0; 32],
-        kernel,
-        features,
-        stop: params.stop,
-        owners: vec![NodeId(1), NodeId(2)],
-        checkpoint_every: None,
-        checkpoint_seconds: 0.0,
-        resume: None,
-    };
+    let mj = master_job(&g, &params, 5, 3, &[1, 2]);
     let err = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj.clone(), None, |_| {}))
         .await
         .unwrap()

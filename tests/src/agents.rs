@@ -284,6 +284,26 @@ impl LocalCluster {
         self.agents.len() - 1
     }
 
+    /// Forms the cluster: agent 0 bootstraps, every other agent joins through its peer address,
+    /// then waits until agent 0 lists all of them alive.
+    pub fn form(&mut self, within: Duration) {
+        self.agents[0].start(&["--bootstrap"]);
+        self.agents[0].wait_ready(within);
+        let seed = self.agents[0].peer_addr();
+        for agent in &mut self.agents[1..] {
+            agent.start(&["--join", &seed]);
+        }
+        for agent in &mut self.agents[1..] {
+            agent.wait_ready(within);
+        }
+        let n = self.agents.len();
+        wait_for(&format!("{n} alive members"), within, || {
+            let v = self.cli(0, &["members"]).json();
+            let alive = v.as_array().into_iter().flatten().filter(|m| m["state"] == "alive").count();
+            if alive == n { Ok(()) } else { Err(v.to_string()) }
+        });
+    }
+
     /// Runs a client command against agent `i` (`--addr`, `--tls-dir` and `--output json` added).
     pub fn cli(&self, i: usize, args: &[&str]) -> Run {
         let mut all: Vec<&str> = args.to_vec();

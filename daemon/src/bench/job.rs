@@ -17,7 +17,7 @@ use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
     GetJobRequest, GraphFormat, JobSpec, JobState, Kernel, KernelParams, SubmitRequest, WatchJobRequest, submit_request,
 };
-use quiver_tests::agents::{LocalCluster, wait_for};
+use quiver_tests::agents::LocalCluster;
 use serde_json::{Value, json};
 
 use crate::client::{Conn, Output, connect};
@@ -92,20 +92,7 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         eprintln!("starting {} agents …", a.nodes);
     }
-    c.agents[0].start(&["--bootstrap"]);
-    c.agents[0].wait_ready(Duration::from_secs(30));
-    let seed = c.agents[0].peer_addr();
-    for agent in &mut c.agents[1..] {
-        agent.start(&["--join", &seed]);
-    }
-    for agent in &mut c.agents[1..] {
-        agent.wait_ready(Duration::from_secs(30));
-    }
-    wait_for("every agent alive", Duration::from_secs(30), || {
-        let r = c.cli(0, &["members"]);
-        let alive = r.json().as_array().map_or(0, |m| m.iter().filter(|m| m["state"] == "alive").count());
-        if alive == a.nodes { Ok(()) } else { Err(format!("{alive} alive")) }
-    });
+    c.form(Duration::from_secs(30));
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let conn = Conn { addr: c.agents[0].addr(), tls_dir: Some(c.client_tls.clone()), output: Output::Json };

@@ -13,19 +13,7 @@ const CONVERGE: Duration = Duration::from_secs(15);
 
 fn formed_cluster() -> LocalCluster {
     let mut c = LocalCluster::new(&["j1", "j2", "j3"]);
-    c.agents[0].start(&["--bootstrap"]);
-    c.agents[0].wait_ready(READY);
-    let seed = c.agents[0].peer_addr();
-    c.agents[1].start(&["--join", &seed]);
-    c.agents[2].start(&["--join", &seed]);
-    c.agents[1].wait_ready(READY);
-    c.agents[2].wait_ready(READY);
-    wait_for("three alive members", CONVERGE, || {
-        let r = c.cli(0, &["members"]);
-        let v = r.json();
-        let alive = v.as_array().into_iter().flatten().filter(|m| m["state"] == "alive").count();
-        if alive == 3 { Ok(()) } else { Err(v.to_string()) }
-    });
+    c.form(READY);
     c
 }
 

@@ -8,12 +8,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use quiver_tests::agents::{LocalCluster, wait_for};
+use quiver_tests::agents::LocalCluster;
 use quiver_tests::bin::quiver;
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(20);
-const CONVERGE: Duration = Duration::from_secs(15);
 /// Chromium gets this long per run before it is killed.
 const BROWSER_WITHIN: Duration = Duration::from_secs(60);
 
@@ -60,18 +59,7 @@ fn browse(bin: &Path, profile: &Path, args: &[String], url: &str) -> String {
 #[test]
 fn web_view_shows_members_jobs_and_placement_in_headless_chromium() {
     let mut c = LocalCluster::new(&["u1", "u2", "u3"]);
-    c.agents[0].start(&["--bootstrap"]);
-    c.agents[0].wait_ready(READY);
-    let seed = c.agents[0].peer_addr();
-    c.agents[1].start(&["--join", &seed]);
-    c.agents[2].start(&["--join", &seed]);
-    c.agents[1].wait_ready(READY);
-    c.agents[2].wait_ready(READY);
-    wait_for("three alive members", CONVERGE, || {
-        let v = c.cli(0, &["members"]).json();
-        let alive = v.as_array().into_iter().flatten().filter(|m| m["state"] == "alive").count();
-        if alive == 3 { Ok(()) } else { Err(v.to_string()) }
-    });
+    c.form(READY);
     let dir = c.dir.path();
     let g = dir.join("k.qcsr").display().to_string();
     quiver(dir, &["graph", "generate", "kronecker", "--scale", "10", "--seed", "5", "--out", &g]).ok();
