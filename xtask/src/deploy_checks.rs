@@ -266,7 +266,11 @@ fn compose_runs_three_agents_through_one_seed() {
         .iter()
         .filter_map(Value::as_str)
         .collect();
-    assert!(ports.contains(&"127.0.0.1:7401:7401") && ports.contains(&"127.0.0.1:7402:7402"), "{ports:?}");
+    assert!(
+        ports.contains(&"127.0.0.1:${QUIVER_GRPC_PORT:-7401}:7401")
+            && ports.contains(&"127.0.0.1:${QUIVER_HTTP_PORT:-7402}:7402"),
+        "{ports:?}"
+    );
     for (_, s) in services {
         for p in s["ports"].as_sequence().into_iter().flatten() {
             assert!(p.as_str().is_some_and(|p| p.starts_with("127.0.0.1:")), "published on loopback only: {p:?}");

@@ -23,9 +23,11 @@ use serde_json::Value;
 
 /// The tag `cargo xtask docker` gives the image (deploy/compose.yaml's default image).
 pub const LOCAL_TAG: &str = "quiver:local";
-/// The Compose project the test uses: fixed, so a stack left over by an interrupted run is
-/// found and removed (`down -v`) before the ports 7401/7402 are needed again.
-const PROJECT: &str = "quiver-deploy-test";
+/// The Compose projects the test uses are this prefix and the run's process id, so two runs on
+/// one engine (two checkouts, another project's CI) never share containers, networks or volumes.
+/// The name of the current run's project is kept in the target dir, so a stack left over by an
+/// interrupted run of this checkout is found and removed (`down -v`) before the next run.
+const PROJECT_PREFIX: &str = "quiver-deploy-test";
 /// The non-root user of both images (distroless's `nonroot`).
 const UID: u32 = 65532;
 
@@ -140,7 +142,7 @@ pub fn ci(root: &Path) -> Result<()> {
 /// `cargo xtask compose-test [--no-build]`.
 pub fn compose_test(root: &Path, cargo_build: bool) -> Result<()> {
     let started = Instant::now();
-    let compose = Compose::find(root)?;
+    let mut compose = Compose::find(root)?;
     build_image(root, cargo_build)?;
     let bin = target_dir(root).join("release").join("quiver");
     let work = target_dir(root).join("compose-test");
@@ -148,9 +150,14 @@ pub fn compose_test(root: &Path, cargo_build: bool) -> Result<()> {
         std::fs::remove_dir_all(&work)?;
     }
     std::fs::create_dir_all(&work)?;
-    compose.down();
-    let test = ComposeTest { compose: &compose, bin: &bin, work: &work, client_tls: work.join("client") };
-    let result = test.run();
+    let marker = target_dir(root).join("compose-test.project");
+    if let Ok(leftover) = std::fs::read_to_string(&marker) {
+        compose.with_project(leftover.trim()).down();
+    }
+    std::fs::write(&marker, &compose.project)?;
+    let result = compose.up().and_then(|()| {
+        ComposeTest { compose: &compose, bin: &bin, work: &work, client_tls: work.join("client") }.run()
+    });
     if result.is_err() {
         eprintln!("--- container logs (tail) ---");
         let _ = compose
@@ -158,6 +165,7 @@ pub fn compose_test(root: &Path, cargo_build: bool) -> Result<()> {
             .map(|o| eprintln!("{}{}", o.stdout, o.stderr));
     }
     compose.down();
+    let _ = std::fs::remove_file(&marker);
     result?;
     eprintln!("deploy: Compose cluster test passed in {:.1?} (image build included)", started.elapsed());
     Ok(())
@@ -167,6 +175,9 @@ pub fn compose_test(root: &Path, cargo_build: bool) -> Result<()> {
 struct Compose {
     program: Vec<String>,
     file: PathBuf,
+    project: String,
+    /// Variables compose.yaml interpolates (subnet, published ports), set by the test.
+    env: Vec<(String, String)>,
 }
 
 impl Compose {
@@ -176,24 +187,68 @@ impl Compose {
             let mut cmd = Command::new(program[0]);
             cmd.args(&program[1..]).arg("version");
             if run(&mut cmd, Duration::from_secs(30)).is_ok_and(|o| o.ok) {
-                return Ok(Compose { program: program.into_iter().map(String::from).collect(), file });
+                return Ok(Compose {
+                    program: program.into_iter().map(String::from).collect(),
+                    file,
+                    project: format!("{PROJECT_PREFIX}-{}", std::process::id()),
+                    env: Vec::new(),
+                });
             }
         }
         bail!("neither `docker compose` nor `docker-compose` works on this machine")
     }
 
+    /// The same Compose command on another project (a leftover stack to remove).
+    fn with_project(&self, project: &str) -> Compose {
+        Compose {
+            program: self.program.clone(),
+            file: self.file.clone(),
+            project: project.to_string(),
+            env: self.env.clone(),
+        }
+    }
+
     fn run(&self, args: &[&str], within: Duration) -> Result<Out> {
         let mut cmd = Command::new(&self.program[0]);
-        cmd.args(&self.program[1..]).args(["-p", PROJECT, "-f"]).arg(&self.file).args(args);
+        cmd.args(&self.program[1..]).args(["-p", &self.project, "-f"]).arg(&self.file).args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         run(&mut cmd, within)
     }
 
-    fn ok(&self, args: &[&str], within: Duration) -> Result<String> {
-        let out = self.run(args, within)?;
-        if !out.ok {
-            bail!("compose {} failed: {}{}", args.join(" "), out.stdout, out.stderr);
+    /// `up -d` on a free /24 for the cluster's network and, when 7401/7402 are taken on this
+    /// host, on free loopback ports. Docker refuses a subnet that overlaps another network's
+    /// ("Pool overlaps"), which another stack may take between the look and the `up`: then the
+    /// next free subnet is tried.
+    fn up(&mut self) -> Result<()> {
+        let t = Instant::now();
+        for (var, default) in [("QUIVER_GRPC_PORT", 7401), ("QUIVER_HTTP_PORT", 7402)] {
+            let port = if std::net::TcpListener::bind(("127.0.0.1", default)).is_ok() {
+                default
+            } else {
+                let free = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port();
+                eprintln!("compose: 127.0.0.1:{default} is taken on this host; publishing on {free} instead");
+                free
+            };
+            self.env.push((var.into(), port.to_string()));
         }
-        Ok(out.stdout)
+        let mut last = String::new();
+        for _ in 0..4 {
+            let prefix = free_subnet_prefix()?;
+            self.env.retain(|(k, _)| k != "QUIVER_SUBNET_PREFIX");
+            self.env.push(("QUIVER_SUBNET_PREFIX".into(), prefix.clone()));
+            let out = self.run(&["up", "-d"], mins(3))?;
+            if out.ok {
+                eprintln!("compose up ({}, network {prefix}.0/24): {:.1?}", self.project, t.elapsed());
+                return Ok(());
+            }
+            last = format!("{}{}", out.stdout, out.stderr);
+            if !last.contains("overlap") {
+                break;
+            }
+            eprintln!("compose: {prefix}.0/24 was taken meanwhile; trying another");
+            self.down();
+        }
+        bail!("compose up -d failed: {last}")
     }
 
     /// Removes the project's containers, networks and volumes (also a leftover stack).
@@ -211,7 +266,7 @@ impl Compose {
             "ps",
             "-aq",
             "--filter",
-            &format!("label=com.docker.compose.project={PROJECT}"),
+            &format!("label=com.docker.compose.project={}", self.project),
             "--filter",
             &format!("label=com.docker.compose.service={service}"),
         ])?;
@@ -230,9 +285,6 @@ const AGENTS: [&str; 3] = ["agent1", "agent2", "agent3"];
 
 impl ComposeTest<'_> {
     fn run(&self) -> Result<()> {
-        let t0 = Instant::now();
-        self.compose.ok(&["up", "-d"], mins(3))?;
-        eprintln!("compose up: {:.1?}", t0.elapsed());
         // The operator's client certificate, made inside the stack by the tls-client service.
         let client = self.compose.container("tls-client")?;
         docker(&["cp", &format!("{client}:/etc/quiver/tls/client"), path(self.work)?])?;
@@ -384,15 +436,16 @@ impl ComposeTest<'_> {
             .context("agent1 is on no network")?;
         let prefix = ip.rsplit_once('.').context("an IPv4 address")?.0;
         let solo_ip = format!("{prefix}.20");
-        let tls_volume = format!("{PROJECT}_tls");
-        let name = format!("{PROJECT}-startup");
+        let project = &self.compose.project;
+        let tls_volume = format!("{project}_tls");
+        let name = format!("{project}-startup");
         let _ = docker(&["rm", "-f", &name]);
         docker(&[
             "create",
             "--name",
             &name,
             "--label",
-            &format!("com.docker.compose.project={PROJECT}"),
+            &format!("com.docker.compose.project={project}"),
             "--network",
             &network,
             "--ip",
@@ -417,6 +470,48 @@ impl ComposeTest<'_> {
         let _ = docker(&["rm", "-f", "-v", &name]);
         result
     }
+}
+
+/// The first `172.29.N` (then `10.213.N`) whose /24 overlaps no Docker network and no route or
+/// address of this host.
+fn free_subnet_prefix() -> Result<String> {
+    let mut used: Vec<(u32, u32)> = Vec::new();
+    let ids = docker(&["network", "ls", "-q"])?;
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    if !ids.is_empty() {
+        let mut args = vec!["network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}} {{end}}"];
+        args.extend(&ids);
+        used.extend(docker(&args)?.split_whitespace().filter_map(parse_cidr));
+    }
+    for ip_args in [["-4", "-o", "route"], ["-4", "-o", "addr"]] {
+        if let Ok(out) = run(Command::new("ip").args(ip_args), secs(10)) {
+            used.extend(out.stdout.split_whitespace().filter_map(parse_cidr));
+        }
+    }
+    let candidates = (74..=254).map(|n| format!("172.29.{n}")).chain((0..=255).map(|n| format!("10.213.{n}")));
+    for prefix in candidates {
+        let (net, mask) = parse_cidr(&format!("{prefix}.0/24")).expect("a valid /24");
+        if !used.iter().any(|&other| overlaps((net, mask), other)) {
+            return Ok(prefix);
+        }
+    }
+    bail!("no free /24 under 172.29.0.0/16 or 10.213.0.0/16 for the test's network")
+}
+
+/// Whether two (network, mask) ranges share an address: they agree on the shorter prefix.
+fn overlaps((a, am): (u32, u32), (b, bm): (u32, u32)) -> bool {
+    let common = am & bm;
+    a & common == b & common
+}
+
+/// `a.b.c.d/len` as (network, mask); anything else (IPv6, words) is None. `default` routes are
+/// not CIDRs and so are skipped: they overlap everything and say nothing about local networks.
+fn parse_cidr(text: &str) -> Option<(u32, u32)> {
+    let (addr, len) = text.split_once('/')?;
+    let addr: std::net::Ipv4Addr = addr.parse().ok()?;
+    let len: u32 = len.parse().ok().filter(|l| *l <= 32)?;
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    Some((u32::from(addr) & mask, mask))
 }
 
 /// `docker start NAME` → its published HTTP port answers /readyz 200; prints the time.
@@ -530,4 +625,22 @@ fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status line")?;
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((code, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{overlaps, parse_cidr};
+
+    #[test]
+    fn subnets_overlap_when_they_share_the_shorter_prefix() {
+        let c = |s| parse_cidr(s).unwrap();
+        assert!(overlaps(c("172.29.74.0/24"), c("172.29.74.0/24")));
+        assert!(overlaps(c("172.29.74.0/24"), c("172.16.0.0/12")), "inside a wider network");
+        assert!(overlaps(c("172.29.74.0/24"), c("172.29.74.9/32")), "a host address inside");
+        assert!(!overlaps(c("172.29.75.0/24"), c("172.29.74.0/24")));
+        assert!(!overlaps(c("10.213.0.0/24"), c("172.17.0.0/16")));
+        assert_eq!(parse_cidr("default"), None);
+        assert_eq!(parse_cidr("fd00::/64"), None);
+        assert_eq!(parse_cidr("10.0.0.1/33"), None);
+    }
 }
