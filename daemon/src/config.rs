@@ -26,6 +26,27 @@ pub enum LogFormat {
     Json,
 }
 
+/// The peer connections' congestion controller (see `quiver_node_agent::transport::Congestion`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CongestionControl {
+    /// quinn's default: every loss halves the window. The fastest on a clean network.
+    #[default]
+    Cubic,
+    /// Paces by measured bandwidth and round trip: random loss costs only retransmissions.
+    /// For links that lose packets at random; slower on a clean network.
+    Bbr,
+}
+
+impl From<CongestionControl> for quiver_node_agent::transport::Congestion {
+    fn from(c: CongestionControl) -> Self {
+        match c {
+            CongestionControl::Bbr => Self::Bbr,
+            CongestionControl::Cubic => Self::Cubic,
+        }
+    }
+}
+
 /// `quiver agent` flags. Each may also come from `QUIVER_<NAME>` or from the config file.
 #[derive(Debug, Default, Args)]
 pub struct AgentArgs {
@@ -84,6 +105,9 @@ pub struct AgentArgs {
     /// (default: 4 × worker threads; 0 offers every request).
     #[arg(long, env = "QUIVER_SERVE_FORWARD_THRESHOLD", value_name = "N")]
     pub serve_forward_threshold: Option<usize>,
+    /// Congestion control of the peer (QUIC) connections.
+    #[arg(long, env = "QUIVER_CONGESTION", value_enum)]
+    pub congestion: Option<CongestionControl>,
     /// For chaos drills only: put the fault-injecting socket under the peer transport and serve
     /// `POST /chaos/net` (drop, delay, duplicate, reorder, partition) on the HTTP port. Costs
     /// UDP segmentation offload; never use it in production.
@@ -111,6 +135,7 @@ struct FileConfig {
     worker_threads: Option<usize>,
     serve_queue_limit: Option<usize>,
     serve_forward_threshold: Option<usize>,
+    congestion: Option<CongestionControl>,
     fault_injection: Option<bool>,
 }
 
@@ -148,6 +173,8 @@ pub struct AgentConfig {
     /// `None`: the serving defaults for the worker count (`agent::serve::ServeConfig::defaults`).
     pub serve_queue_limit: Option<usize>,
     pub serve_forward_threshold: Option<usize>,
+    /// `--congestion`: the peer connections' congestion controller.
+    pub congestion: CongestionControl,
     /// `--fault-injection`: the chaos layer under the transport and its HTTP control.
     pub fault_injection: bool,
 }
@@ -285,6 +312,7 @@ impl AgentArgs {
             membership,
             join_timeout: Duration::from_secs(join_timeout_secs),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            congestion: self.congestion.or(file.congestion).unwrap_or_default(),
             fault_injection: self.fault_injection || file.fault_injection.unwrap_or(false),
         })
     }

@@ -185,7 +185,12 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
         tracing::warn!("--fault-injection: the peer transport runs on the fault-injecting socket");
         quiver_node_agent::transport::fault::NetFaults::new(node_id)
     });
-    let transport_cfg = TransportConfig { bind: cfg.peer_addr, faults: faults.clone(), ..TransportConfig::default() };
+    let transport_cfg = TransportConfig {
+        bind: cfg.peer_addr,
+        congestion: cfg.congestion.into(),
+        faults: faults.clone(),
+        ..TransportConfig::default()
+    };
     let (transport, handles) = Transport::bind(transport_cfg, &identity).context("binding the peer (QUIC) port")?;
     let peer_local = transport.local_addr();
 
