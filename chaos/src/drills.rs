@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use quiver_proto::control::JobState;
+use quiver_proto::control::{JobState, MemberRole};
 use quiver_tests::agents::LocalCluster;
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -29,6 +29,9 @@ pub enum Drill {
     LeaderKillJob,
     /// A job; SIGKILL a worker (a follower that owns partitions) mid-job.
     WorkerKillJob,
+    /// A job; SIGKILL the node it was submitted to (its first holder and master) mid-job, kept
+    /// down until the job ends: the job's second holder takes it over.
+    HolderKillJob,
     /// Control-plane writes; SIGSTOP the leader for 5 s, then SIGCONT.
     LeaderStop,
     /// Control-plane writes; cut one follower off from everyone for 5 s, then heal.
@@ -41,7 +44,7 @@ pub enum Drill {
     RollingRestartJob,
     /// Control-plane writes; SIGKILL every node, restart all from disk.
     FullRestart,
-    /// 5 nodes, a job and writes; SIGKILL the leader and a follower at once.
+    /// 5 nodes, a job and writes; SIGKILL the leader and a learner at once.
     TwoNodesLost,
     /// Control-plane writes; the raft-log fsync fails on a follower (failpoint), which stops;
     /// restart it from disk.
@@ -49,10 +52,11 @@ pub enum Drill {
 }
 
 impl Drill {
-    pub const ALL: [Drill; 11] = [
+    pub const ALL: [Drill; 12] = [
         Drill::LeaderKill,
         Drill::LeaderKillJob,
         Drill::WorkerKillJob,
+        Drill::HolderKillJob,
         Drill::LeaderStop,
         Drill::MinorityPartition,
         Drill::LeaderIsolated,
@@ -68,6 +72,7 @@ impl Drill {
             Drill::LeaderKill => "leader-kill",
             Drill::LeaderKillJob => "leader-kill-job",
             Drill::WorkerKillJob => "worker-kill-job",
+            Drill::HolderKillJob => "holder-kill-job",
             Drill::LeaderStop => "leader-stop",
             Drill::MinorityPartition => "minority-partition",
             Drill::LeaderIsolated => "leader-isolated",
@@ -89,6 +94,7 @@ impl Drill {
             self,
             Drill::LeaderKillJob
                 | Drill::WorkerKillJob
+                | Drill::HolderKillJob
                 | Drill::LossyLinksJob
                 | Drill::RollingRestartJob
                 | Drill::TwoNodesLost
@@ -161,7 +167,7 @@ pub fn run(opts: &Options, quiet_stdout: bool) -> RunReport {
 fn summary(r: &DrillReport) -> String {
     let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0} ms"));
     let mut s = format!(
-        "{} {} seed {} ({} nodes, {:.1} s): serving again after {}, job finished after {}, {} writes acknowledged",
+        "{} {} seed {} ({} nodes, {:.1} s): serving again after {}, job finished after {} ({} after submit), {} writes acknowledged",
         if r.passed { "PASS" } else { "FAIL" },
         r.drill,
         r.seed,
@@ -169,6 +175,7 @@ fn summary(r: &DrillReport) -> String {
         r.duration_ms / 1e3,
         ms(r.recovery_serving_ms),
         ms(r.recovery_job_ms),
+        ms(r.job_total_ms),
         r.acknowledged_writes
     );
     for c in r.checks.iter().filter(|c| !c.ok) {
@@ -199,6 +206,7 @@ fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
         checks: Vec::new(),
         serving_ms: None,
         job_ms: None,
+        job_total_ms: None,
     };
     let outcome = cx.drive(opts, drill);
     let mut acked = 0;
@@ -208,6 +216,14 @@ fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
     }
     let passed = cx.checks.iter().all(|c| c.ok) && !cx.checks.is_empty();
     let logs = if passed { String::new() } else { cx.c.logs() };
+    // QUIVER_CHAOS_LOGS=DIR keeps every agent's whole log as DIR/DRILL-SEED-NODE.log.
+    if let Some(keep) = std::env::var_os("QUIVER_CHAOS_LOGS") {
+        let keep = PathBuf::from(keep);
+        let _ = std::fs::create_dir_all(&keep);
+        for a in &cx.c.agents {
+            let _ = std::fs::copy(&a.log, keep.join(format!("{}-{seed}-{}.log", drill.name(), a.name)));
+        }
+    }
     for a in &mut cx.c.agents {
         a.kill9();
     }
@@ -219,6 +235,7 @@ fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
         checks: cx.checks,
         recovery_serving_ms: cx.serving_ms,
         recovery_job_ms: cx.job_ms,
+        job_total_ms: cx.job_total_ms,
         acknowledged_writes: acked,
         duration_ms: t0.elapsed().as_secs_f64() * 1e3,
         logs,
@@ -235,12 +252,14 @@ struct Ctx {
     checks: Vec<Check>,
     serving_ms: Option<f64>,
     job_ms: Option<f64>,
+    job_total_ms: Option<f64>,
 }
 
 /// The job a drill runs and the digest `quiver run` computes for it.
 struct JobRun {
     id: u64,
     want: String,
+    submitted: Instant,
 }
 
 /// A drill job's input: the graph, its supersteps, and `quiver run`'s digest for it.
@@ -327,6 +346,17 @@ impl Ctx {
         })
     }
 
+    /// A learner (non-voting member) chosen by the seed, other than `not`.
+    fn learner(&self, leader: usize, not: &[usize]) -> Result<usize> {
+        let ms = self.rt.block_on(async { client::members(&self.ch(leader)?).await })?;
+        let learners: Vec<usize> = (0..self.c.agents.len())
+            .filter(|i| *i != leader && !not.contains(i))
+            .filter(|&i| ms.iter().any(|m| m.name == self.c.agents[i].name && m.role == MemberRole::Learner as i32))
+            .collect();
+        ensure!(!learners.is_empty(), "no learner to lose besides the leader: {ms:?}");
+        Ok(learners[(self.seed as usize) % learners.len()])
+    }
+
     /// A follower chosen by the seed, other than `not`.
     fn follower(&self, leader: usize, not: &[usize]) -> usize {
         let n = self.c.agents.len();
@@ -376,11 +406,18 @@ impl Ctx {
                 &iters,
                 "--partitions",
                 &parts,
+                // Checkpoints every 20 supersteps, so recoveries resume from one, not from the start.
+                "--checkpoint-every",
+                "20",
             ],
         );
         ensure!(r.status.success(), "quiver submit failed: {}", r.stderr);
         let v: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap_or_default())?;
-        Ok(JobRun { id: v["id"].as_u64().context("submit printed no id")?, want: input.want })
+        Ok(JobRun {
+            id: v["id"].as_u64().context("submit printed no id")?,
+            want: input.want,
+            submitted: Instant::now(),
+        })
     }
 
     /// Waits until the job has done `steps` supersteps; an already finished job is an error
@@ -428,6 +465,7 @@ impl Ctx {
         let check = match end {
             Ok(j) => {
                 self.job_ms = Some(fault_at.elapsed().as_secs_f64() * 1e3);
+                self.job_total_ms = Some(job.submitted.elapsed().as_secs_f64() * 1e3);
                 let got: String = j.result_digest.iter().map(|b| format!("{b:02x}")).collect();
                 let ok = j.state == JobState::Succeeded as i32 && got == job.want;
                 Check::new(
@@ -486,8 +524,11 @@ impl Ctx {
             // Submitted to a follower that survives every drill's fault: it holds the graph.
             let via = self.follower(leader, &[]);
             let j = self.submit_job(input, via)?;
-            if drill != Drill::LossyLinksJob {
-                self.job_mid_run(&j, 2 + self.seed % 3)?;
+            match drill {
+                Drill::LossyLinksJob => {}
+                // Past the first checkpoint (every 20 supersteps), which the second holder resumes from.
+                Drill::HolderKillJob => self.job_mid_run(&j, 25 + self.seed % 10)?,
+                _ => self.job_mid_run(&j, 2 + self.seed % 3)?,
             }
             job = Some((j, via));
         }
@@ -512,6 +553,16 @@ impl Ctx {
                     self.job_verdict(j, fault_at);
                 }
                 self.restart(worker)?;
+            }
+            Drill::HolderKillJob => {
+                let holder = job.as_ref().map_or(leader, |(_, v)| *v);
+                fault_at = Instant::now();
+                self.c.agents[holder].kill9();
+                self.serving(&writer, fault_at)?;
+                if let Some((j, _)) = &job {
+                    self.job_verdict(j, fault_at);
+                }
+                self.restart(holder)?;
             }
             Drill::LeaderStop => {
                 fault_at = Instant::now();
@@ -574,8 +625,11 @@ impl Ctx {
                 return self.finish(all, None);
             }
             Drill::TwoNodesLost => {
+                // Five nodes keep three voters (two learners): the leader and a learner die at once,
+                // so the surviving voters keep a quorum, elect, and promote a learner to replace the
+                // dead voter. Losing two of three voters would be quorum loss, which no Raft survives.
                 let via = job.as_ref().map_or(leader, |(_, v)| *v);
-                let other = self.follower(leader, &[via]);
+                let other = self.learner(leader, &[via])?;
                 fault_at = Instant::now();
                 self.c.agents[leader].kill9();
                 self.c.agents[other].kill9();

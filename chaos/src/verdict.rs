@@ -31,6 +31,9 @@ pub struct DrillReport {
     pub recovery_serving_ms: Option<f64>,
     /// Fault → the job finished (ms), for drills that run a job.
     pub recovery_job_ms: Option<f64>,
+    /// Submit acknowledged → the job finished (ms), for drills that run a job: compare it with
+    /// the same job undisturbed (`quiver bench job`).
+    pub job_total_ms: Option<f64>,
     /// Writes acknowledged during the drill.
     pub acknowledged_writes: usize,
     pub duration_ms: f64,

@@ -111,6 +111,9 @@ pub struct JobSpec {
     pub feature_width: u32,
     /// The partitions and their sizes, for the cost model.
     pub partitions: Vec<PartitionShape>,
+    /// The nodes holding the job's input graph and its checkpoints, the submitting node first.
+    /// The job's master is one of them; its data is lost only when every one has left.
+    pub holders: Vec<NodeId>,
 }
 
 /// Size of one partition, as the partitioner reported it.
@@ -172,6 +175,26 @@ pub struct Job {
     pub last_checkpoint: Option<Checkpoint>,
     /// Result digest once completed.
     pub result_digest: Option<Digest>,
+    /// The holder that masters the job (and keeps its result): the first holder at submit;
+    /// an assignment made while it is down hands the job to the first alive holder.
+    pub master: NodeId,
+}
+
+impl Job {
+    /// The holder an assignment now would hand the job to: the master while it is alive,
+    /// else the first alive holder; `None` when no holder is alive.
+    pub fn next_master(&self, members: &BTreeMap<NodeId, Member>) -> Option<NodeId> {
+        let alive = |n: &NodeId| members.get(n).is_some_and(|m| m.liveness == Liveness::Alive);
+        if alive(&self.master) {
+            return Some(self.master);
+        }
+        self.spec.holders.iter().copied().find(alive)
+    }
+
+    /// Whether every node that held the job's data has left the cluster.
+    pub fn data_lost(&self, members: &BTreeMap<NodeId, Member>) -> bool {
+        !self.spec.holders.is_empty() && self.spec.holders.iter().all(|h| !members.contains_key(h))
+    }
 }
 
 /// A change to the cluster state; the payload of every normal Raft entry.
@@ -477,6 +500,7 @@ impl ClusterState {
                     assignment: BTreeMap::new(),
                     last_checkpoint: None,
                     result_digest: None,
+                    master: spec.holders.first().copied().unwrap_or(0),
                 };
                 self.jobs.insert(index, job);
                 Ok(Outcome::Submitted { job: index })
@@ -501,6 +525,9 @@ impl ClusterState {
                     if !alive {
                         return Err(Rejection::AssignedToUnavailable { job: *job, partition, node });
                     }
+                }
+                if let Some(master) = j.next_master(members) {
+                    j.master = master;
                 }
                 j.epoch += 1;
                 j.assignment = assignment.clone();
@@ -592,7 +619,9 @@ impl ClusterState {
         self.jobs.values().filter(move |j| match j.state {
             JobState::Pending => true,
             JobState::Running => {
-                j.assignment.values().any(|n| self.members.get(n).is_none_or(|m| m.liveness == Liveness::Down))
+                let down = |n: &NodeId| self.members.get(n).is_none_or(|m| m.liveness == Liveness::Down);
+                // A down owner, or a down master that another alive holder can replace.
+                j.assignment.values().any(down) || (down(&j.master) && j.next_master(&self.members).is_some())
             }
             _ => false,
         })
@@ -632,7 +661,38 @@ mod tests {
             iterations: 10,
             feature_width: 1,
             partitions: vec![PartitionShape { vertices: 10, edges: 100 }; partitions],
+            holders: vec![],
         }
+    }
+
+    #[test]
+    fn an_assignment_while_the_master_is_down_hands_the_job_to_another_holder() {
+        let mut s = ClusterState::bootstrap(&[info(1), info(2), info(3)], &[1, 2, 3]);
+        let held = JobSpec { holders: vec![2, 3], ..spec(2) };
+        s.apply(4, &cmd(1, 1, Op::Submit { spec: held, graph_digest: [0; 32] }));
+        assert_eq!(s.jobs[&4].master, 2, "the submitting holder masters first");
+        let assign = |s: &mut ClusterState, index, epoch, to: [NodeId; 2]| {
+            let a = [(0, to[0]), (1, to[1])].into();
+            s.apply(index, &cmd(1, index, Op::Assign { job: 4, expected_epoch: epoch, assignment: a })).outcome
+        };
+        assert_eq!(assign(&mut s, 5, 0, [1, 2]), Outcome::Assigned { job: 4, epoch: 1 });
+        assert_eq!(s.jobs_needing_placement().count(), 0);
+        // The master goes down: the job needs a new epoch, and that epoch's master is holder 3.
+        s.apply(6, &cmd(1, 6, Op::MarkDown { node: 2 }));
+        assert_eq!(s.jobs_needing_placement().count(), 1);
+        assert_eq!(assign(&mut s, 7, 1, [1, 3]), Outcome::Assigned { job: 4, epoch: 2 });
+        assert_eq!(s.jobs[&4].master, 3);
+        // It stays there when holder 2 comes back: one master per epoch, never two.
+        s.apply(8, &cmd(1, 8, Op::MarkUp { node: 2 }));
+        assert_eq!(s.jobs_needing_placement().count(), 0);
+        assert_eq!(assign(&mut s, 9, 2, [1, 2]), Outcome::Assigned { job: 4, epoch: 3 });
+        assert_eq!(s.jobs[&4].master, 3);
+        // Both holders gone: the data is lost; one left is not.
+        assert!(!s.jobs[&4].data_lost(&s.members));
+        s.apply(10, &cmd(1, 10, Op::Leave { node: 2 }));
+        assert!(!s.jobs[&4].data_lost(&s.members));
+        s.apply(11, &cmd(1, 11, Op::Leave { node: 3 }));
+        assert!(s.jobs[&4].data_lost(&s.members));
     }
 
     #[test]

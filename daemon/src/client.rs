@@ -486,6 +486,8 @@ fn job_json(j: &Job) -> Value {
         "graph_digest": digest,
         "result_digest": crate::run::hex(&j.result_digest),
         "error": j.error,
+        "master": j.master,
+        "holders": j.holders,
     })
 }
 

@@ -239,11 +239,9 @@ impl AgentArgs {
             }
             None => peer_addr,
         };
-        let distinct = [peer_addr.port(), grpc_addr.port(), http_addr.port()];
-        if peer_addr.port() != 0 && (distinct[0] == distinct[1] || distinct[0] == distinct[2])
-            || grpc_addr.port() != 0 && distinct[1] == distinct[2]
-        {
-            return Err(invalid("--grpc-addr", "peer, gRPC and HTTP ports must differ"));
+        // The peer port is UDP, so it may share its number with a TCP port; gRPC and HTTP may not.
+        if grpc_addr.port() != 0 && grpc_addr.port() == http_addr.port() {
+            return Err(invalid("--http-addr", "the gRPC and HTTP ports must differ (both are TCP)"));
         }
         let tls_dir = self.tls_dir.or(file.tls_dir).unwrap_or_else(|| data_dir.join("tls"));
         let node_name = match self.node_name.or(file.node_name) {

@@ -71,7 +71,14 @@ impl StreamKind {
 
     /// Whether the stream is bidirectional (request and answer on the same stream).
     pub fn is_bidirectional(self) -> bool {
-        matches!(self, StreamKind::Control | StreamKind::Heartbeat | StreamKind::ServingForward | StreamKind::Job)
+        matches!(
+            self,
+            StreamKind::Control
+                | StreamKind::Heartbeat
+                | StreamKind::ServingForward
+                | StreamKind::Job
+                | StreamKind::Replica
+        )
     }
 }
 

@@ -24,13 +24,19 @@ pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T
     }
 }
 
-/// A port free for both UDP and TCP on 127.0.0.1 right now.
+/// A port free for both UDP and TCP on 127.0.0.1 right now, and not handed out before by this
+/// process (the probe sockets close at once, so the OS may offer the same port again).
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     loop {
         let tcp = TcpListener::bind("127.0.0.1:0").expect("binding a probe port");
         let port = tcp.local_addr().expect("probe address").port();
         if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
+            let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !given.contains(&port) {
+                given.push(port);
+                return port;
+            }
         }
     }
 }

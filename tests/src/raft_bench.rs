@@ -357,6 +357,7 @@ fn restart_time(dir: &Path, jobs: usize) -> Result<(f64, f64, usize), RaftBenchE
                 iterations: 20,
                 feature_width: 1,
                 partitions: vec![PartitionShape { vertices: 1 << 16, edges: 1 << 20 }; 8],
+                holders: vec![],
             };
             let command = Command {
                 request: RequestId { client: 7, seq: i as u64 + 1 },

@@ -585,6 +585,7 @@ impl SimCluster {
                             iterations: 10,
                             feature_width: 1,
                             partitions: vec![PartitionShape { vertices: 1000, edges: 16_000 }; 4],
+                            holders: vec![],
                         };
                         Op::Submit { spec, graph_digest: [seq as u8; 32] }
                     };

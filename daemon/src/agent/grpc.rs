@@ -272,6 +272,49 @@ fn validate(spec: &JobSpec) -> Result<&'static str, Status> {
     Ok(kernel)
 }
 
+/// Streams a job's progress as this node sees it until the job ends: live supersteps when this
+/// node masters it, the replicated state's otherwise.
+async fn watch_here(shared: Shared, id: u64, tx: tokio::sync::mpsc::Sender<Result<JobProgress, Status>>) {
+    let mut view = shared.view.clone();
+    let mut live = shared.jobs.progress(id);
+    let mut last: Option<JobProgress> = None;
+    loop {
+        let v = view.borrow_and_update().clone();
+        let Some(j) = v.state.jobs.get(&id) else { return };
+        if live.is_none() {
+            live = shared.jobs.progress(id);
+        }
+        let snapshot = live.as_mut().map(|l| *l.borrow_and_update());
+        let jp = job_to_proto(j, snapshot.as_ref());
+        let p = JobProgress {
+            job_id: id,
+            state: jp.state,
+            superstep: jp.superstep,
+            residual: jp.residual,
+            epoch: jp.epoch,
+        };
+        if last.as_ref() != Some(&p) {
+            if tx.send(Ok(p)).await.is_err() {
+                return;
+            }
+            last = Some(p);
+        }
+        if j.state.is_terminal() {
+            return;
+        }
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return },
+            r = async {
+                match live.as_mut() {
+                    Some(l) => l.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => if r.is_err() { live = None },
+            _ = tx.closed() => return,
+        }
+    }
+}
+
 fn job_to_proto(j: &CoreJob, live: Option<&JobProgress>) -> Job {
     let spec = JobSpec::decode(&j.spec.params[..]).ok();
     let (state, error) = match &j.state {
@@ -293,6 +336,8 @@ fn job_to_proto(j: &CoreJob, live: Option<&JobProgress>) -> Job {
         graph_digest: j.graph_digest.to_vec(),
         result_digest: j.result_digest.map(|d| d.to_vec()).unwrap_or_default(),
         error,
+        master: j.master,
+        holders: j.spec.holders.clone(),
     }
 }
 
@@ -385,6 +430,7 @@ impl Jobs for JobsSvc {
                 }
             };
         spec.holder = self.shared.node_id;
+        let holders = super::replica::second_holder(&self.shared, &spec, &digest).await;
         let params = spec.params.clone().unwrap_or_default();
         let request = RequestId {
             client: if spec.client_id == 0 { random_client() } else { spec.client_id },
@@ -397,6 +443,7 @@ impl Jobs for JobsSvc {
             iterations: params.max_iterations,
             feature_width: params.width.max(1),
             partitions: shapes,
+            holders,
         };
         let cmd = Command { request, op: Op::Submit { spec: core_spec, graph_digest: digest } };
         match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
@@ -431,53 +478,29 @@ impl Jobs for JobsSvc {
     async fn watch(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let id = req.into_inner().job_id;
         self.view_with(id).await?;
-        let holder = self.holder_of(id)?;
-        if let Some(addr) = holder {
-            let mut c = self.relay(&addr).await?;
-            let stream = c.watch(WatchJobRequest { job_id: id }).await?.into_inner();
-            return Ok(Response::new(Box::pin(stream)));
-        }
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The master streams live supersteps; when it is elsewhere the watch is relayed there,
+        // and if that master is lost mid-job (the job moves to another holder) the watch goes on
+        // from the replicated state here: states, epochs and checkpointed supersteps.
+        let relayed = match self.holder_of(id)? {
+            Some(addr) => match self.relay(&addr).await {
+                Ok(mut c) => c.watch(WatchJobRequest { job_id: id }).await.ok().map(|r| r.into_inner()),
+                Err(_) => None,
+            },
+            None => None,
+        };
         let shared = self.shared.clone();
         tokio::spawn(async move {
-            let mut view = shared.view.clone();
-            let mut live = shared.jobs.progress(id);
-            let mut last: Option<JobProgress> = None;
-            loop {
-                let v = view.borrow_and_update().clone();
-                let Some(j) = v.state.jobs.get(&id) else { return };
-                if live.is_none() {
-                    live = shared.jobs.progress(id);
-                }
-                let snapshot = live.as_mut().map(|l| *l.borrow_and_update());
-                let jp = job_to_proto(j, snapshot.as_ref());
-                let p = JobProgress {
-                    job_id: id,
-                    state: jp.state,
-                    superstep: jp.superstep,
-                    residual: jp.residual,
-                    epoch: jp.epoch,
-                };
-                if last.as_ref() != Some(&p) {
-                    if tx.send(Ok(p)).await.is_err() {
+            if let Some(mut stream) = relayed {
+                while let Ok(Some(p)) = stream.message().await {
+                    let done = JobState::try_from(p.state)
+                        .is_ok_and(|s| matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled));
+                    if tx.send(Ok(p)).await.is_err() || done {
                         return;
                     }
-                    last = Some(p);
-                }
-                if j.state.is_terminal() {
-                    return;
-                }
-                tokio::select! {
-                    r = view.changed() => if r.is_err() { return },
-                    r = async {
-                        match live.as_mut() {
-                            Some(l) => l.changed().await,
-                            None => std::future::pending().await,
-                        }
-                    } => if r.is_err() { live = None },
-                    _ = tx.closed() => return,
                 }
             }
+            watch_here(shared, id, tx).await;
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
@@ -576,17 +599,17 @@ impl JobsSvc {
         self.shared.jobs.progress(job).map(|p| *p.borrow())
     }
 
-    /// `None` when this node holds the job (or nobody else can answer); otherwise the holder's
-    /// gRPC address, to relay to.
+    /// `None` when this node masters the job (or nobody else can answer); otherwise the master's
+    /// gRPC address, to relay to (the master keeps the job's progress and result).
     fn holder_of(&self, id: u64) -> Result<Option<String>, Status> {
         let v = view(&self.shared);
         let job = v.state.jobs.get(&id).ok_or_else(|| Status::not_found(format!("job {id} does not exist")))?;
-        let holder = super::jobs::spec_of(job).map_or(0, |s| s.holder);
+        let holder = job.master;
         if holder == 0 || holder == self.shared.node_id {
             return Ok(None);
         }
         let m = v.state.members.get(&holder).ok_or_else(|| {
-            Status::unavailable(format!("job {id} is held by node {holder}, which is no longer a member"))
+            Status::unavailable(format!("job {id} is mastered by node {holder}, which is no longer a member"))
         })?;
         Ok(Some(decode_control_addr(m.info.id, &m.info.control_addr).0))
     }

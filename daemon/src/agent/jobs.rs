@@ -3,17 +3,22 @@
 //! - **Admission** ([`JobsHost::prepare`]): the node that receives a submit loads and checks the
 //!   graph and the parameters before anything is recorded (a malformed graph, an unknown seed or
 //!   features of the wrong shape are `INVALID_ARGUMENT` naming the field), and cuts the graph's
-//!   partition shapes for the cost model. It records itself as the job's *holder*.
+//!   partition shapes for the cost model. It records itself as the job's *holder* and copies the
+//!   graph to a second holder ([`super::replica`]) before the submit is recorded; both are the
+//!   coordinator job's `holders`.
 //! - **Placement** ([`spawn`]'s scheduler): on the leader, every job that needs placement gets
 //!   an assignment from the cost-model load balancer, committed through Raft (`Assign`, which
 //!   bumps the epoch).
-//! - **Execution** ([`spawn`]'s reconciler): the holder masters the job
+//! - **Execution** ([`spawn`]'s reconciler): the job's `master` (a holder: the submitting one
+//!   first; an assignment made while it is down hands the job to the other) masters the job
 //!   ([`quiver_node_agent::jobs::run_master`]) at the committed epoch; owners are driven over QUIC.
 //!   A master from an earlier epoch, or of a cancelled job, is stopped, and every node drops the
 //!   job's partitions ([`JobRuntime::drop_job`]).
+//! - **Checkpoints** go to the master's disk and to the other holders before `Checkpoint` is
+//!   committed, so the holder that takes a job over resumes from the last recorded one.
 //! - **Results**: the master writes `DATA_DIR/results/JOB.npy`, then commits `Complete` with the
 //!   result's SHA-256 (the digest `quiver run --json` prints) or `Fail` with the reason.
-//!   `FetchResult` and `Watch` are answered by the holder; other nodes relay them.
+//!   `FetchResult` and `Watch` are answered by the master; other nodes relay them.
 //!
 //! A holder that restarts finds its running jobs at an epoch whose owners it can no longer
 //! reach consistently, so it asks for a fresh epoch (re-`Assign`) before it masters them again.
@@ -281,7 +286,7 @@ pub fn spawn(shared: Shared) {
                 v.state
                     .jobs
                     .values()
-                    .filter(|j| j.state == CoreJobState::Running && spec_of(j).is_some_and(|s| s.holder == me))
+                    .filter(|j| j.state == CoreJobState::Running && j.master == me)
                     .map(|j| j.id)
                     .collect()
             });
@@ -300,14 +305,14 @@ fn schedule(shared: &Shared, state: &quiver_coordinator::ClusterState, placing: 
         if !placing.insert((job.id, job.epoch)) {
             continue;
         }
-        let holder = spec_of(job).map_or(0, |s| s.holder);
-        let op = if holder != 0 && !state.members.contains_key(&holder) {
-            // The graph (and the checkpoints) lived only there.
+        let op = if job.data_lost(&state.members) {
+            let holders: Vec<String> = job.spec.holders.iter().map(|h| h.to_string()).collect();
             Op::Fail {
                 job: job.id,
                 epoch: job.epoch,
                 reason: format!(
-                    "node {holder}, which held the job's graph and checkpoints, left the cluster: its data is lost"
+                    "every node that held the job's graph and checkpoints ({}) left the cluster: its data is lost",
+                    holders.join(", ")
                 ),
             }
         } else {
@@ -372,7 +377,7 @@ fn reconcile(
             continue;
         }
         let Some(spec) = spec_of(j) else { continue };
-        if spec.holder != me {
+        if j.master != me {
             continue;
         }
         if inherited.contains(&j.id) {
@@ -410,9 +415,10 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
     host.progress.insert(job.id, ptx.clone());
     let started = std::time::Instant::now();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, crx));
+    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, job.spec.holders.clone(), crx));
     let run = async {
-        let g = host.graph(&shared, &spec, Path::new(&spec.graph_path), job.graph_digest).await.map_err(fatal)?;
+        let path = graph_path_here(&shared, &spec, &job.graph_digest);
+        let g = host.graph(&shared, &spec, &path, job.graph_digest).await.map_err(fatal)?;
         let params = spec.params.clone().unwrap_or_default();
         let g2 = g.clone();
         let (kernel, features, stop) = shared
@@ -474,8 +480,13 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
         Ok::<_, MasterError>((digest, iterations))
     };
     let outcome = run.await;
-    // Let the last checkpoint reach the disk and the log before deciding what comes next.
-    let _ = store.await;
+    if outcome.is_ok() {
+        // A finished job needs no more checkpoints.
+        store.abort();
+    } else {
+        // Let the last checkpoint reach the disk and the log before deciding what comes next.
+        let _ = store.await;
+    }
     let op = match outcome {
         Ok((digest, iterations)) => {
             tracing::info!(job = job.id, iterations, seconds = started.elapsed().as_secs_f64(), "job finished");
@@ -548,22 +559,37 @@ const CHECKPOINT_SECONDS: f64 = 5.0;
 /// New epochs a job may take after losing nodes before it fails.
 const MAX_EPOCH_RETRIES: u32 = 8;
 
+/// Where this node finds a job's graph: the submitted path on the holder that took the submit,
+/// the content-addressed copy (`DATA_DIR/blobs/<sha256>`) on any other holder.
+fn graph_path_here(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> PathBuf {
+    if spec.holder == shared.node_id {
+        PathBuf::from(&spec.graph_path)
+    } else {
+        shared.data_dir.join(super::replica::graph_name(digest))
+    }
+}
+
 fn checkpoint_dir(shared: &Shared, job: u64, step: u32) -> PathBuf {
     shared.data_dir.join("checkpoints").join(job.to_string()).join(step.to_string())
 }
 
 /// Writes each checkpoint to `DATA_DIR/checkpoints/JOB/STEP/` (one `.npy` per partition's values
 /// and private state, then `meta.json` last, atomically: a directory without it is incomplete),
-/// records it through Raft, and removes the job's older checkpoints.
+/// copies it to the job's other holders (`meta.json` last there too), records it through Raft,
+/// and removes the job's older checkpoints.
 async fn store_checkpoints(
     shared: Shared,
     job: u64,
     epoch: u64,
+    holders: Vec<u64>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Checkpoint>,
 ) {
+    // Whether the last checkpoint found no other holder (warned once, not every checkpoint).
+    let mut alone = false;
     while let Some(c) = rx.recv().await {
         let dir = checkpoint_dir(&shared, job, c.step);
         let step = c.step;
+        let parts = c.parts.len();
         let t = std::time::Instant::now();
         let written = shared
             .workers
@@ -594,6 +620,22 @@ async fn store_checkpoints(
         if let Err(e) = written {
             tracing::warn!(job, step, error = %e, "checkpoint not written; the job goes on without it");
             continue;
+        }
+        let others: Vec<u64> = holders.iter().copied().filter(|&h| h != shared.node_id).collect();
+        if !others.is_empty() {
+            let mut files: Vec<String> =
+                (0..parts).flat_map(|i| [format!("p{i}.values.npy"), format!("p{i}.aux.npy")]).collect();
+            files.push("meta.json".into());
+            let mut copied = others.clone();
+            for f in files {
+                let name = format!("checkpoints/{job}/{step}/{f}");
+                let have = super::replica::push_all(&shared, &copied, &name).await;
+                copied.retain(|n| have.contains(n));
+            }
+            if copied.is_empty() && !alone {
+                tracing::warn!(job, step, "the job's checkpoints have no second copy (no other holder takes them)");
+            }
+            alone = copied.is_empty();
         }
         metrics::histogram!("quiver_job_checkpoint_seconds").record(t.elapsed().as_secs_f64());
         let cmd = Command {

@@ -26,6 +26,7 @@ pub mod grpc;
 pub mod jobs;
 pub mod names;
 mod peer;
+mod replica;
 pub mod serve;
 pub mod ui;
 

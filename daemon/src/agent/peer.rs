@@ -120,6 +120,7 @@ async fn handle_stream(shared: Shared, mut s: InboundStream) {
         }
         StreamKind::ServingForward => super::serve::handle_stream(shared, s).await,
         StreamKind::Job | StreamKind::HaloExchange => shared.jobs.runtime.handle_stream(s).await,
+        StreamKind::Replica => super::replica::handle_stream(shared, s).await,
         other => {
             s.recv.reject(ErrorCode::Refused, &format_args!("{other:?} streams are not handled by this agent yet"));
         }

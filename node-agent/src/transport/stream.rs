@@ -47,6 +47,8 @@ pub fn priority(kind: StreamKind) -> i32 {
         // step needs its halos before its next `go` matters anyway.
         StreamKind::Job => 5,
         StreamKind::HaloExchange => 10,
+        // Copies of a job's graph and checkpoints: bulk, and behind everything a job waits on.
+        StreamKind::Replica => 1,
         StreamKind::PartitionPush | StreamKind::Unspecified => 0,
     }
 }

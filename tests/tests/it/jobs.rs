@@ -180,3 +180,45 @@ fn a_job_survives_its_holder_restarting_from_disk() {
     let v = w.json();
     assert_eq!(v["result_digest"], want.as_str(), "{v}");
 }
+
+/// The job's graph and checkpoints live on two holders: when the node that took the submit (and
+/// masters the job, and here also leads) is SIGKILLed for good mid-job, the second holder takes
+/// the job over in a new epoch from the last checkpoint it was sent, and the result is still
+/// `quiver run`'s, fetched through a survivor.
+#[test]
+fn a_job_survives_losing_its_holder_for_good() {
+    let mut c = formed_cluster();
+    let dir = c.dir.path().to_path_buf();
+    let g = dir.join("k.qcsr").display().to_string();
+    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "9", "--out", &g]).ok();
+    let algo: &[&str] = &["--algo", "ppr", "--seeds", "1,5,9", "--iterations", "500"];
+    let want = reference(&c, &g, algo);
+    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "25"];
+    args.extend_from_slice(algo);
+    let r = c.cli(0, &args);
+    assert!(r.status.success(), "{}", r.stderr);
+    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let job = c.cli(1, &["job", "get", &id]).json();
+    let holders: Vec<u64> = job["holders"].as_array().unwrap().iter().map(|h| h.as_u64().unwrap()).collect();
+    assert_eq!(holders.len(), 2, "the graph has a second holder: {job}");
+    assert_eq!(job["master"].as_u64(), Some(holders[0]), "the submitting node masters first: {job}");
+    // A non-master reports the last checkpoint's superstep: past 60 means one is recorded.
+    wait_for("the job past a checkpoint", CONVERGE * 4, || {
+        let v = c.cli(1, &["job", "get", &id]).json();
+        if v["superstep"].as_u64().unwrap_or(0) >= 60 || v["state"] != "running" { Ok(()) } else { Err(v.to_string()) }
+    });
+    c.agents[0].kill9();
+    let w = c.cli(1, &["job", "watch", &id]);
+    assert!(w.status.success(), "the job did not survive its holder: {}\n{}", w.stderr, c.logs());
+    let v = w.json();
+    assert_eq!(v["result_digest"], want.as_str(), "{v}");
+    let after = c.cli(2, &["job", "get", &id]).json();
+    assert_eq!(after["master"].as_u64(), Some(holders[1]), "the second holder took the job over: {after}");
+    let (out, mine) = (dir.join("r.npy"), dir.join("mine.npy"));
+    let mut run = vec!["run", "--graph", g.as_str(), "--out", mine.to_str().unwrap()];
+    run.extend_from_slice(algo);
+    quiver(&dir, &run).ok();
+    let r = c.cli(2, &["result", &id, "--out", out.to_str().unwrap()]);
+    assert!(r.status.success(), "fetching the result through a survivor: {}", r.stderr);
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&mine).unwrap(), "the result equals quiver run --out");
+}

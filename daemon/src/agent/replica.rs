@@ -1,0 +1,263 @@
+//! Second copies of a job's data: its input graph and its checkpoints live on two holders, so
+//! a job outlives the loss of the node it was submitted to.
+//!
+//! A copy travels on a `STREAM_KIND_REPLICA` stream as one zero-copy frame (`ReplicaMeta`: the
+//! file's place under the receiver's data directory and its SHA-256; one segment: its bytes).
+//! The receiver checks the name and the digest, writes `NAME.part`, syncs it and renames it into
+//! place, then answers `ErrorReply { code: 0 }`; any refusal names the file and the reason. Graphs
+//! are content-addressed (`blobs/<sha256 hex>`, where uploads land too), so a copy of a graph is
+//! the same file at the same place on every holder; checkpoints keep the layout the master
+//! writes locally (`checkpoints/<job>/<superstep>/<file>`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use quiver_compute::Segment;
+use quiver_coordinator::state::Liveness;
+use quiver_node_agent::transport::{InboundStream, NodeId, OutFrame};
+use quiver_proto::control::JobSpec;
+use quiver_proto::peer::{ErrorReply, ReplicaMeta, StreamHeader, StreamKind, frame_header};
+
+use super::Shared;
+
+/// How long one copy may take before the sender gives up on that holder: 2 s plus the time to
+/// move its bytes at 50 MB/s (a node killed a moment ago still looks alive for about a second, and
+/// a copy to it must not hold a submit up for the connection's whole idle timeout).
+fn push_within(bytes: usize) -> Duration {
+    Duration::from_secs(2) + Duration::from_secs_f64(bytes as f64 / 50e6)
+}
+
+/// Where a graph with this digest lives on any holder: `DATA_DIR/blobs/<sha256 hex>`.
+pub fn graph_name(digest: &[u8; 32]) -> String {
+    format!("blobs/{}", crate::run::hex(digest))
+}
+
+/// The SHA-256 of `bytes`.
+fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// Whether `name` is a place a peer may write under our data directory: `blobs/<64 hex>` or
+/// `checkpoints/<job>/<superstep>/<file>`, plain components only (no `..`, no absolute path).
+fn check_name(name: &str) -> Result<(), String> {
+    let parts: Vec<&str> = name.split('/').collect();
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p != "."
+            && p != ".."
+            && p.len() <= 64
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    };
+    let ok = match parts.as_slice() {
+        ["blobs", hex] => hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        ["checkpoints", job, step, file] => {
+            job.parse::<u64>().is_ok() && step.parse::<u32>().is_ok() && plain(file) && !file.ends_with(".part")
+        }
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{name:?} is not a replica name (blobs/<sha256> or checkpoints/JOB/STEP/FILE)"))
+    }
+}
+
+/// Copies the file at `path` to `to`, stored there as `name`; returns once `to` has it on disk.
+pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<()> {
+    check_name(name).map_err(anyhow::Error::msg)?;
+    let bytes = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+    let digest = sha256(&bytes);
+    let within = push_within(bytes.len());
+    let segment = Segment::<u8>::from_slice(&bytes);
+    drop(bytes);
+    let send = async {
+        let header = StreamHeader { kind: StreamKind::Replica as i32, ..Default::default() };
+        let conn = shared.transport.connection(NodeId(to)).await?;
+        let (mut send, mut recv) = conn.open_bi(header).await?;
+        let meta = ReplicaMeta { name: name.to_string(), sha256: digest.to_vec() };
+        let mut frame = OutFrame::new(Some(frame_header::Meta::Replica(meta)));
+        frame.push("file", &segment).set_last(true);
+        send.send_frame(&frame).await?;
+        let _ = send.finish();
+        let reply: Option<ErrorReply> = recv.recv_message().await?;
+        match reply {
+            Some(ErrorReply { code: 0, .. }) => Ok(()),
+            Some(e) => bail!("{}", e.message),
+            None => bail!("the stream closed without an answer"),
+        }
+    };
+    tokio::time::timeout(within, send)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within {within:?}"))?
+        .with_context(|| format!("copying {name} to node {to}"))
+}
+
+/// Picks the job's second holder and copies the graph there; returns the job's holders (this
+/// node first). One holder only when no other member is alive, when the copy fails (logged), or
+/// when the job reads a features file by path (it is not copied, so only this node can run it).
+pub async fn second_holder(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u64> {
+    let me = shared.node_id;
+    if spec.params.as_ref().is_some_and(|p| !p.features_path.is_empty()) {
+        return vec![me];
+    }
+    let others: Vec<u64> = {
+        let v = shared.view.borrow();
+        v.state
+            .members
+            .values()
+            .filter(|m| m.liveness == Liveness::Alive && m.info.id != me)
+            .map(|m| m.info.id)
+            .collect()
+    };
+    if others.is_empty() {
+        return vec![me];
+    }
+    // Spread the copies over the cluster by graph; a node that does not take it gets one more
+    // try elsewhere.
+    let first = usize::from(digest[0]) % others.len();
+    for to in others.iter().cycle().skip(first).take(others.len().min(2)) {
+        match push(shared, *to, &graph_name(digest), Path::new(&spec.graph_path)).await {
+            Ok(()) => return vec![me, *to],
+            Err(e) => tracing::warn!(node = to, error = %format!("{e:#}"), "the graph was not copied there"),
+        }
+    }
+    tracing::warn!("the job's graph has no second copy: only this node can run it");
+    vec![me]
+}
+
+/// Copies `name` (a file under this node's data directory) to every node of `to` but this one
+/// that the replicated state sees alive; a holder that cannot take it is logged and skipped.
+/// Returns the nodes that have it now.
+pub async fn push_all(shared: &Shared, to: &[u64], name: &str) -> Vec<u64> {
+    let path = shared.data_dir.join(name);
+    let alive: Vec<u64> = {
+        let v = shared.view.borrow();
+        to.iter().copied().filter(|n| v.state.members.get(n).is_some_and(|m| m.liveness == Liveness::Alive)).collect()
+    };
+    let mut stored = Vec::new();
+    for &node in alive.iter().filter(|&&n| n != shared.node_id) {
+        match push(shared, node, name, &path).await {
+            Ok(()) => stored.push(node),
+            Err(e) => tracing::warn!(node, name, error = %format!("{e:#}"), "a job's second copy was not stored"),
+        }
+    }
+    stored
+}
+
+/// Serves one `STREAM_KIND_REPLICA` stream: check, store, answer.
+pub async fn handle_stream(shared: Shared, mut s: InboundStream) {
+    let Some(mut send) = s.send.take() else { return };
+    let stored = receive(&shared, &mut s).await;
+    let reply = match &stored {
+        Ok(name) => {
+            metrics::counter!("quiver_replica_files_stored_total").increment(1);
+            tracing::debug!(peer = %s.peer, name, "stored a replica file");
+            ErrorReply { code: 0, message: String::new() }
+        }
+        Err(e) => {
+            tracing::warn!(peer = %s.peer, error = %e, "refused a replica file");
+            ErrorReply { code: 3, message: e.clone() }
+        }
+    };
+    let _ = send.send_message(&reply).await;
+    let _ = send.finish();
+}
+
+async fn receive(shared: &Shared, s: &mut InboundStream) -> Result<String, String> {
+    let frame = s
+        .recv
+        .recv_frame()
+        .await
+        .map_err(|e| format!("receiving the file: {e}"))?
+        .ok_or("the stream ended before the file")?;
+    let Some(frame_header::Meta::Replica(meta)) = frame.header.meta.clone() else {
+        return Err("the frame carries no ReplicaMeta".into());
+    };
+    check_name(&meta.name)?;
+    if frame.segment_count() != 1 {
+        return Err(format!("{}: {} segments, expected one (the file)", meta.name, frame.segment_count()));
+    }
+    let bytes = frame.segment::<u8>(0).map_err(|e| format!("{}: {e}", meta.name))?;
+    let digest = sha256(bytes.as_bytes());
+    if meta.sha256 != digest {
+        return Err(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name));
+    }
+    if let Some(hex) = meta.name.strip_prefix("blobs/")
+        && crate::run::hex(&digest) != hex
+    {
+        return Err(format!("{}: a graph blob must be named by its SHA-256", meta.name));
+    }
+    let path = shared.data_dir.join(&meta.name);
+    let name = meta.name.clone();
+    // A graph blob is named by its content: one already stored is this very file.
+    if meta.name.starts_with("blobs/") && path.exists() {
+        return Ok(meta.name);
+    }
+    tokio::task::spawn_blocking(move || write_synced(&path, bytes.as_bytes()))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("{name}: {e}"))?;
+    // A complete checkpoint (its meta.json comes last) supersedes the job's older ones.
+    if let ["checkpoints", job, step, "meta.json"] = meta.name.split('/').collect::<Vec<_>>().as_slice()
+        && let Ok(step) = step.parse::<u32>()
+        && let Ok(entries) = std::fs::read_dir(shared.data_dir.join("checkpoints").join(job))
+    {
+        for e in entries.flatten() {
+            if e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|s| s < step) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    Ok(meta.name)
+}
+
+/// Writes `NAME.<unique>.part`, syncs it, renames it to `NAME` and syncs the directory (two
+/// holders may send the same blob at once: each writes its own temporary file).
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+    std::fs::create_dir_all(&dir)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.part", NEXT.fetch_add(1, Ordering::Relaxed)));
+    let tmp = PathBuf::from(tmp);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(&dir).and_then(|d| d.sync_all())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_name;
+
+    #[test]
+    fn only_blob_and_checkpoint_names_are_accepted() {
+        let hex = "ab".repeat(32);
+        assert!(check_name(&format!("blobs/{hex}")).is_ok());
+        assert!(check_name("checkpoints/12/40/p0.values.npy").is_ok());
+        assert!(check_name("checkpoints/12/40/meta.json").is_ok());
+        for bad in [
+            "blobs/short",
+            "../etc/passwd",
+            "/etc/passwd",
+            "checkpoints/12/40/../../x",
+            "checkpoints/x/40/meta.json",
+            "checkpoints/12/40/meta.json.part",
+            "checkpoints/12/40",
+            "raft/log",
+            "",
+        ] {
+            let e = check_name(bad).unwrap_err();
+            assert!(e.contains("not a replica name"), "{bad}: {e}");
+        }
+    }
+}
