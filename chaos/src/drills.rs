@@ -534,35 +534,22 @@ impl Ctx {
         }
         let fault_at;
         match drill {
-            Drill::LeaderKill | Drill::LeaderKillJob => {
-                fault_at = Instant::now();
-                self.c.agents[leader].kill9();
-                self.serving(&writer, fault_at)?;
-                if let Some((j, _)) = &job {
-                    self.job_verdict(j, fault_at);
-                }
-                self.restart(leader)?;
-            }
-            Drill::WorkerKillJob => {
+            Drill::LeaderKill | Drill::LeaderKillJob | Drill::WorkerKillJob | Drill::HolderKillJob => {
                 let via = job.as_ref().map_or(leader, |(_, v)| *v);
-                let worker = self.follower(leader, &[via]);
+                let victim = match drill {
+                    // A follower that owns partitions but is not the job's holder.
+                    Drill::WorkerKillJob => self.follower(leader, &[via]),
+                    // The node the job was submitted to: its first holder and master.
+                    Drill::HolderKillJob => via,
+                    _ => leader,
+                };
                 fault_at = Instant::now();
-                self.c.agents[worker].kill9();
+                self.c.agents[victim].kill9();
                 self.serving(&writer, fault_at)?;
                 if let Some((j, _)) = &job {
                     self.job_verdict(j, fault_at);
                 }
-                self.restart(worker)?;
-            }
-            Drill::HolderKillJob => {
-                let holder = job.as_ref().map_or(leader, |(_, v)| *v);
-                fault_at = Instant::now();
-                self.c.agents[holder].kill9();
-                self.serving(&writer, fault_at)?;
-                if let Some((j, _)) = &job {
-                    self.job_verdict(j, fault_at);
-                }
-                self.restart(holder)?;
+                self.restart(victim)?;
             }
             Drill::LeaderStop => {
                 fault_at = Instant::now();
