@@ -116,16 +116,61 @@ pub async fn second_holder(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -
     if others.is_empty() {
         return vec![me];
     }
-    // Spread the copies over the cluster by graph; a node that does not take it gets one more
-    // try elsewhere.
+    // Spread the copies over the cluster by graph. A node killed a moment ago still looks alive
+    // for about a second, so when the first choice has not answered within a short stagger (or
+    // refuses), a second node is offered the copy too and the first to store it is the holder.
+    let name = graph_name(digest);
+    let path = Path::new(&spec.graph_path);
     let first = usize::from(digest[0]) % others.len();
-    for to in others.iter().cycle().skip(first).take(others.len().min(2)) {
-        match push(shared, *to, &graph_name(digest), Path::new(&spec.graph_path)).await {
-            Ok(()) => return vec![me, *to],
-            Err(e) => tracing::warn!(node = to, error = %format!("{e:#}"), "the graph was not copied there"),
+    let a = others[first];
+    let b = (others.len() > 1).then(|| others[(first + 1) % others.len()]);
+    let size = std::fs::metadata(path).map_or(0, |m| m.len());
+    let stagger = Duration::from_millis(200) + Duration::from_secs_f64(size as f64 / 1e9);
+    let to_a = push(shared, a, &name, path);
+    tokio::pin!(to_a);
+    let early = tokio::select! {
+        r = &mut to_a => Some(r),
+        () = tokio::time::sleep(stagger) => None,
+    };
+    let failed_a = match early {
+        Some(Ok(())) => return vec![me, a],
+        Some(Err(e)) => Some(e),
+        None => None,
+    };
+    let Some(b) = b else {
+        let r = match failed_a {
+            Some(e) => Err(e),
+            None => to_a.await,
+        };
+        return match r {
+            Ok(()) => vec![me, a],
+            Err(e) => {
+                tracing::warn!(node = a, error = %format!("{e:#}"), "the job's graph has no second copy");
+                vec![me]
+            }
+        };
+    };
+    let to_b = push(shared, b, &name, path);
+    tokio::pin!(to_b);
+    let mut a_done = failed_a.is_some();
+    let mut b_done = false;
+    let mut errors = Vec::new();
+    if let Some(e) = failed_a {
+        errors.push(format!("node {a}: {e:#}"));
+    }
+    while !(a_done && b_done) {
+        tokio::select! {
+            r = &mut to_a, if !a_done => match r {
+                Ok(()) => return vec![me, a],
+                Err(e) => { a_done = true; errors.push(format!("node {a}: {e:#}")); }
+            },
+            r = &mut to_b, if !b_done => match r {
+                Ok(()) => return vec![me, b],
+                Err(e) => { b_done = true; errors.push(format!("node {b}: {e:#}")); }
+            },
         }
     }
-    tracing::warn!("the job's graph has no second copy: only this node can run it");
+    tracing::warn!(errors = %errors.join("; "), "the job's graph has no second copy: only this node can run it");
     vec![me]
 }
 
