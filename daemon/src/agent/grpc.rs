@@ -307,7 +307,12 @@ async fn watch_here(shared: Shared, id: u64, tx: tokio::sync::mpsc::Sender<Resul
             r = async {
                 match live.as_mut() {
                     Some(l) => l.changed().await,
-                    None => std::future::pending().await,
+                    // The master may start (and publish its progress) just after the view change
+                    // that woke this loop: look for it again shortly rather than at the next change.
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Ok(())
+                    }
                 }
             } => if r.is_err() { live = None },
             _ = tx.closed() => return,
