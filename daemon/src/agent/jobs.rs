@@ -34,7 +34,7 @@ use quiver_compute::kernels::superstep::{ExactSum, Partials};
 use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
 use quiver_compute::{Csr, Format, ReadOptions, Segment, generate, read_graph_as};
 use quiver_coordinator::scheduler::{SpeedModel, place_job};
-use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, PartitionShape};
+use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, Liveness, PartitionShape};
 use quiver_coordinator::{Command, Op, Outcome, RequestId};
 use quiver_node_agent::jobs::{
     Checkpoint, JobKey, JobRuntime, KernelSpec, MasterError, MasterJob, Snapshot, run_master,
@@ -271,6 +271,8 @@ pub fn spawn(shared: Shared) {
         // Running jobs this process did not start: they need a new epoch before it masters them.
         let mut inherited: Option<HashSet<u64>> = None;
         let mut reassigning: HashSet<(u64, u64)> = HashSet::new();
+        // Leader only: since when no holder of a job has been alive.
+        let mut unreachable: HashMap<u64, std::time::Instant> = HashMap::new();
         loop {
             tokio::select! {
                 changed = view.changed() => if changed.is_err() { return },
@@ -292,6 +294,9 @@ pub fn spawn(shared: Shared) {
             });
             if v.status.is_leader {
                 schedule(&shared, &v.state, &mut placing);
+                fail_unreachable(&shared, &v.state, &mut unreachable, std::time::Instant::now());
+            } else {
+                unreachable.clear();
             }
             reconcile(&shared, &v.state, inherited, &mut reassigning);
         }
@@ -327,6 +332,62 @@ fn schedule(shared: &Shared, state: &quiver_coordinator::ClusterState, placing: 
             let cmd = Command { request: RequestId { client: shared.node_id, seq: unique_seq() }, op };
             if let Err(e) = peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
                 tracing::warn!(job = key.0, error = %e, "placing the job failed; retrying");
+            }
+        });
+    }
+}
+
+/// How long every holder of a job may be down before the job fails as unreachable.
+const HOLDERS_DOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// The unfinished jobs none of whose holders is alive, each with the time it was first seen so;
+/// `since` keeps that time across calls and forgets jobs that have a holder again.
+fn holders_down(
+    state: &quiver_coordinator::ClusterState,
+    since: &mut HashMap<u64, std::time::Instant>,
+    now: std::time::Instant,
+) -> Vec<(u64, Duration)> {
+    let alive = |n: &u64| state.members.get(n).is_some_and(|m| m.liveness == Liveness::Alive);
+    let down: HashSet<u64> = state
+        .jobs
+        .values()
+        .filter(|j| !j.state.is_terminal() && !j.spec.holders.is_empty() && !j.spec.holders.iter().any(alive))
+        .map(|j| j.id)
+        .collect();
+    since.retain(|job, _| down.contains(job));
+    down.into_iter().map(|job| (job, now.saturating_duration_since(*since.entry(job).or_insert(now)))).collect()
+}
+
+/// Leader only: fails a job whose holders have all been down for [`HOLDERS_DOWN_GRACE`] (it
+/// would otherwise wait for them for ever; a holder that has left fails it at once, in
+/// [`schedule`]).
+fn fail_unreachable(
+    shared: &Shared,
+    state: &quiver_coordinator::ClusterState,
+    since: &mut HashMap<u64, std::time::Instant>,
+    now: std::time::Instant,
+) {
+    for (id, down) in holders_down(state, since, now) {
+        if down < HOLDERS_DOWN_GRACE {
+            continue;
+        }
+        let Some(job) = state.jobs.get(&id) else { continue };
+        let holders: Vec<String> = job.spec.holders.iter().map(|h| h.to_string()).collect();
+        let op = Op::Fail {
+            job: id,
+            epoch: job.epoch,
+            reason: format!(
+                "every node that holds the job's graph and checkpoints ({}) has been down for {}s: its data is unreachable",
+                holders.join(", "),
+                down.as_secs()
+            ),
+        };
+        since.remove(&id);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let cmd = Command { request: RequestId { client: shared.node_id, seq: unique_seq() }, op };
+            if let Err(e) = peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
+                tracing::warn!(job = id, error = %e, "failing an unreachable job failed; retrying");
             }
         });
     }
@@ -705,5 +766,56 @@ fn unique_seq() -> u64 {
             Ok(_) => return next,
             Err(p) => prev = p,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    use quiver_coordinator::state::{JobSpec, MemberInfo};
+    use quiver_coordinator::{ClusterState, Command, Op, RequestId};
+
+    use super::holders_down;
+
+    fn info(id: u64) -> MemberInfo {
+        MemberInfo {
+            id,
+            peer_addr: format!("127.0.0.1:{}", 7000 + id),
+            control_addr: String::new(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+        }
+    }
+
+    fn apply(s: &mut ClusterState, index: u64, op: Op) {
+        s.apply(index, &Command { request: RequestId { client: 1, seq: index }, op });
+    }
+
+    #[test]
+    fn a_job_is_unreachable_only_while_every_holder_is_down() {
+        let mut s = ClusterState::bootstrap(&[info(1), info(2), info(3)], &[1, 2, 3]);
+        let spec = JobSpec {
+            name: "pr".into(),
+            kernel: "pagerank".into(),
+            params: vec![],
+            iterations: 10,
+            feature_width: 1,
+            partitions: vec![],
+            holders: vec![2, 3],
+        };
+        apply(&mut s, 4, Op::Submit { spec, graph_digest: [0; 32] });
+        let (mut since, t0) = (HashMap::new(), Instant::now());
+        assert!(holders_down(&s, &mut since, t0).is_empty());
+        apply(&mut s, 5, Op::MarkDown { node: 2 });
+        assert!(holders_down(&s, &mut since, t0).is_empty(), "one holder is still alive");
+        apply(&mut s, 6, Op::MarkDown { node: 3 });
+        assert_eq!(holders_down(&s, &mut since, t0), vec![(4, Duration::ZERO)]);
+        let later = t0 + Duration::from_secs(61);
+        assert_eq!(holders_down(&s, &mut since, later), vec![(4, Duration::from_secs(61))]);
+        apply(&mut s, 7, Op::MarkUp { node: 3 });
+        assert!(holders_down(&s, &mut since, later).is_empty());
+        assert!(since.is_empty(), "a holder came back: the clock starts over");
     }
 }
