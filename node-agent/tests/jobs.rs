@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use quiver_compute::kernels::{self, Algorithm, Normalization, Params, Stop};
 use quiver_compute::{Csr, Segment, generate};
-use quiver_node_agent::jobs::{Checkpoint, JobKey, JobRuntime, KernelSpec, MasterJob, run_master};
+use quiver_node_agent::jobs::{Checkpoint, JobKey, JobRuntime, KernelSpec, MasterJob, MasterOutput, run_master};
 use quiver_node_agent::transport::*;
 use quiver_node_agent::workers::{Topology, Workers};
 
@@ -76,11 +76,7 @@ fn spec_of(g: &Csr, params: &Params<'_>) -> (KernelSpec, Option<Segment<f32>>) {
 
 async fn distributed(nodes: &[Node], g: &Arc<Csr>, params: &Params<'_>, owners: &[u64], job: u64) -> Vec<f32> {
     let mj = master_job(g, params, job, 1, owners);
-    let mut steps = 0;
-    let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), mj, None, |_| steps += 1))
-        .await
-        .expect("job finished in time")
-        .expect("job succeeded");
+    let (out, _, steps) = run_to_end(&nodes[0].rt, &mj, false).await;
     assert_eq!(steps, out.iterations);
     out.values
 }
@@ -101,6 +97,34 @@ fn master_job(g: &Arc<Csr>, params: &Params<'_>, job: u64, epoch: u64, owners: &
         checkpoint_seconds: 0.0,
         resume: None,
     }
+}
+
+/// Runs a master to its end the way the agent does: a lost link is a retryable error, answered by
+/// running again in a new epoch (on a loaded machine a loopback connection has been seen to drop).
+/// Returns the output, the checkpoints and the count of step reports of the attempt that finished.
+async fn run_to_end(rt: &Arc<JobRuntime>, mj: &MasterJob, checkpoints: bool) -> (MasterOutput, Vec<Checkpoint>, u32) {
+    let mut mj = mj.clone();
+    let mut errors = Vec::new();
+    for _ in 0..3 {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut steps = 0;
+        let run = run_master(rt.clone(), mj.clone(), checkpoints.then_some(tx), |_| steps += 1);
+        match tokio::time::timeout(DEADLINE, run).await.expect("the job ends in time") {
+            Ok(out) => {
+                let mut taken = Vec::new();
+                while let Ok(c) = rx.try_recv() {
+                    taken.push(c);
+                }
+                return (out, taken, steps);
+            }
+            Err(e) if e.retryable => {
+                errors.push(e.reason);
+                mj.key.epoch += 1000;
+            }
+            Err(e) => panic!("the job failed: {e:?}"),
+        }
+    }
+    panic!("the job lost a link three times: {errors:?}")
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -185,16 +209,8 @@ async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical
         let reference = kernels::run(&g, params, 1).unwrap().values;
         let mut base = master_job(&g, params, 100 + job as u64, 1, &[1, 2, 3]);
         base.checkpoint_every = Some(3);
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), base.clone(), Some(tx), |_| {}))
-            .await
-            .unwrap()
-            .unwrap();
+        let (out, taken, _) = run_to_end(&nodes[0].rt, &base, true).await;
         assert_eq!(bits(&out.values), bits(&reference));
-        let mut taken: Vec<Checkpoint> = Vec::new();
-        while let Ok(c) = rx.try_recv() {
-            taken.push(c);
-        }
         let every_third: Vec<u32> = (3..=params.stop.max_iterations).step_by(3).collect();
         assert_eq!(taken.iter().map(|c| c.step).collect::<Vec<_>>(), every_third);
         for (i, c) in taken.into_iter().enumerate() {
@@ -202,10 +218,7 @@ async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical
             resumed.key.epoch = 2 + i as u64;
             resumed.owners = vec![NodeId(2), NodeId(2), NodeId(1)];
             resumed.resume = Some(c);
-            let out = tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), resumed, None, |_| {}))
-                .await
-                .unwrap()
-                .unwrap();
+            let (out, _, _) = run_to_end(&nodes[0].rt, &resumed, false).await;
             assert_eq!(bits(&out.values), bits(&reference), "{} resumed (checkpoint {i})", params.algorithm.name());
             assert_eq!(out.iterations, params.stop.max_iterations);
         }
@@ -228,7 +241,6 @@ async fn an_older_epoch_is_refused() {
     assert!(err.reason.contains("stale"), "{err:?}");
     let mut current = mj;
     current.key.epoch = 4;
-    let out =
-        tokio::time::timeout(DEADLINE, run_master(nodes[0].rt.clone(), current, None, |_| {})).await.unwrap().unwrap();
+    let (out, _, _) = run_to_end(&nodes[0].rt, &current, false).await;
     assert_eq!(bits(&out.values), bits(&kernels::run(&g, &params, 1).unwrap().values));
 }
