@@ -364,6 +364,7 @@ pub fn submit(args: SubmitArgs) -> Result<()> {
         client_id: client_id(),
         client_seq: 1,
         holder: 0,
+        features_digest: Vec::new(),
     };
     runtime()?.block_on(async {
         let mut c = JobsClient::new(channel(&args.conn).await?);

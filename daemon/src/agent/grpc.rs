@@ -435,6 +435,12 @@ impl Jobs for JobsSvc {
                 }
             };
         spec.holder = self.shared.node_id;
+        if let Some(features) = spec.params.as_ref().map(|p| p.features_path.clone()).filter(|f| !f.is_empty()) {
+            let bytes = tokio::fs::read(&features)
+                .await
+                .map_err(|e| invalid("params.features_path", format!("{features}: {e}")))?;
+            spec.features_digest = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().to_vec();
+        }
         let holders = super::replica::second_holder(&self.shared, &spec, &digest).await;
         let params = spec.params.clone().unwrap_or_default();
         let request = RequestId {

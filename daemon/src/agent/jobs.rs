@@ -480,7 +480,13 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
     let run = async {
         let path = graph_path_here(&shared, &spec, &job.graph_digest);
         let g = host.graph(&shared, &spec, &path, job.graph_digest).await.map_err(fatal)?;
-        let params = spec.params.clone().unwrap_or_default();
+        let mut params = spec.params.clone().unwrap_or_default();
+        if !params.features_path.is_empty() && spec.holder != shared.node_id {
+            // The other holders keep the features file by its digest, as they keep the graph.
+            let digest = <[u8; 32]>::try_from(spec.features_digest.as_slice())
+                .map_err(|_| fatal("params.features_path: the job recorded no digest for its features file"))?;
+            params.features_path = shared.data_dir.join(super::replica::graph_name(&digest)).display().to_string();
+        }
         let g2 = g.clone();
         let (kernel, features, stop) = shared
             .workers

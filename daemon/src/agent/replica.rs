@@ -96,14 +96,29 @@ pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<(
         .with_context(|| format!("copying {name} to node {to}"))
 }
 
-/// Picks the job's second holder and copies the graph there; returns the job's holders (this
-/// node first). One holder only when no other member is alive, when the copy fails (logged), or
-/// when the job reads a features file by path (it is not copied, so only this node can run it).
+/// Picks the job's second holder and copies the graph there (and the features file the job
+/// names, if any, which `spec.features_digest` must then hold); returns the job's holders (this
+/// node first). One holder only when no other member is alive or when no copy succeeds (logged).
 pub async fn second_holder(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u64> {
     let me = shared.node_id;
-    if spec.params.as_ref().is_some_and(|p| !p.features_path.is_empty()) {
+    let holders = copy_graph(shared, spec, digest).await;
+    let features = spec.params.as_ref().map(|p| p.features_path.as_str()).unwrap_or_default();
+    let (Some(&to), false) = (holders.get(1), features.is_empty()) else { return holders };
+    let Ok(fd) = <[u8; 32]>::try_from(spec.features_digest.as_slice()) else {
+        tracing::warn!("the job's features file has no digest: only this node can run it");
         return vec![me];
+    };
+    match push(shared, to, &graph_name(&fd), Path::new(features)).await {
+        Ok(()) => holders,
+        Err(e) => {
+            tracing::warn!(node = to, error = %format!("{e:#}"), "the features file was not copied: only this node can run the job");
+            vec![me]
+        }
     }
+}
+
+async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u64> {
+    let me = shared.node_id;
     let others: Vec<u64> = {
         let v = shared.view.borrow();
         v.state

@@ -181,7 +181,7 @@ fn a_job_survives_its_holder_restarting_from_disk() {
     assert_eq!(v["result_digest"], want.as_str(), "{v}");
 }
 
-/// The job's graph and checkpoints live on two holders: when the node that took the submit (and
+/// The job's graph, features file and checkpoints live on two holders: when the node that took the submit (and
 /// masters the job, and here also leads) is SIGKILLed for good mid-job, the second holder takes
 /// the job over in a new epoch from the last checkpoint it was sent, and the result is still
 /// `quiver run`'s, fetched through a survivor.
@@ -191,7 +191,14 @@ fn a_job_survives_losing_its_holder_for_good() {
     let dir = c.dir.path().to_path_buf();
     let g = dir.join("k.qcsr").display().to_string();
     quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "9", "--out", &g]).ok();
-    let algo: &[&str] = &["--algo", "ppr", "--seeds", "1,5,9", "--iterations", "500"];
+    // APPNP over a features file named by path: the second holder needs its own copy of that too.
+    let feats = dir.join("feats.npy").display().to_string();
+    quiver(
+        &dir,
+        &["run", "--graph", &g, "--algo", "appnp", "--feature-dim", "3", "--iterations", "2", "--out", &feats],
+    )
+    .ok();
+    let algo: &[&str] = &["--algo", "appnp", "--features", &feats, "--alpha", "0.1", "--iterations", "500"];
     let want = reference(&c, &g, algo);
     let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "25"];
     args.extend_from_slice(algo);
