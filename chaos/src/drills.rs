@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use quiver_proto::control::{JobState, MemberRole};
-use quiver_tests::agents::LocalCluster;
+use quiver_tests::agents::{LocalCluster, poll};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -277,14 +277,7 @@ impl Ctx {
     }
 
     fn until<T>(&self, what: &str, within: Duration, mut f: impl FnMut(&Self) -> Result<T>) -> Result<T> {
-        let deadline = Instant::now() + within;
-        loop {
-            match f(self) {
-                Ok(v) => return Ok(v),
-                Err(e) if Instant::now() >= deadline => bail!("timed out after {within:?} waiting for {what}: {e:#}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(25)),
-            }
-        }
+        poll(what, within, || f(self).map_err(|e| format!("{e:#}"))).map_err(anyhow::Error::msg)
     }
 
     fn start(&mut self, i: usize, membership: &[&str]) {
@@ -424,30 +417,29 @@ impl Ctx {
     /// (the fault would not land mid-job).
     fn job_mid_run(&self, job: &JobRun, steps: u64) -> Result<()> {
         let n = self.c.agents.len();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = String::from("no node answers");
-        while Instant::now() < deadline {
+        // Ok(Err(_)): the job ended before the fault, which no amount of waiting mends.
+        self.until(&format!("the job to reach superstep {steps}"), Duration::from_secs(120), |s| {
+            let mut last = String::from("no node answers");
             // Only the job's holder knows the live superstep (others report the last checkpoint's),
             // so every node is asked.
-            for i in (0..n).filter(|&i| self.c.agents[i].pid().is_some()) {
-                let Ok(j) = self.rt.block_on(async { client::job(&self.ch(i)?, job.id).await }) else { continue };
+            for i in (0..n).filter(|&i| s.c.agents[i].pid().is_some()) {
+                let Ok(j) = s.rt.block_on(async { client::job(&s.ch(i)?, job.id).await }) else { continue };
                 if j.state == JobState::Running as i32 && j.superstep >= steps {
-                    return Ok(());
+                    return Ok(Ok(()));
                 }
                 if j.state >= JobState::Succeeded as i32 {
-                    bail!(
+                    return Ok(Err(anyhow::anyhow!(
                         "job {} ended (state {}, superstep {}: {}) before the fault; raise --iterations or --scale",
                         job.id,
                         j.state,
                         j.superstep,
                         j.error
-                    );
+                    )));
                 }
                 last = format!("job {} at superstep {} (state {})", job.id, j.superstep, j.state);
             }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        bail!("timed out waiting for the job to reach superstep {steps}: {last}")
+            bail!("{last}")
+        })?
     }
 
     /// Follows the job to its end; records fault → finished and the result check.
@@ -641,11 +633,11 @@ impl Ctx {
                     Ok((200, _)) => {}
                     other => bail!("PUT failpoint: {other:?}"),
                 }
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while self.c.agents[f].is_running() {
-                    ensure!(Instant::now() < deadline, "the follower still runs 20 s after its fsync failed");
-                    std::thread::sleep(Duration::from_millis(25));
-                }
+                let agent = &mut self.c.agents[f];
+                poll("the follower to stop after its fsync failed", Duration::from_secs(20), || {
+                    if agent.is_running() { Err("still running".into()) } else { Ok(()) }
+                })
+                .map_err(anyhow::Error::msg)?;
                 let log = std::fs::read_to_string(&self.c.agents[f].log).unwrap_or_default();
                 self.checks.push(Check::new(
                     "follower_stopped_on_fsync_failure",
@@ -819,25 +811,24 @@ impl Writer {
     }
 
     fn wait_acks(&self, n: usize, within: Duration) -> Result<()> {
-        let deadline = Instant::now() + within;
-        while self.acked() < n {
-            ensure!(Instant::now() < deadline, "only {} of {n} writes acknowledged within {within:?}", self.acked());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        poll(&format!("{n} acknowledged writes"), within, || {
+            let got = self.acked();
+            if got >= n { Ok(()) } else { Err(format!("{got} so far")) }
+        })
+        .map_err(anyhow::Error::msg)
     }
 
+    /// When the first write issued at or after `t` was acknowledged (the writer records the
+    /// acknowledgement's own time, so the polling interval does not blur it).
     fn first_ack_issued_after(&self, t: Instant, within: Duration) -> Result<Instant> {
-        let deadline = Instant::now() + within;
-        loop {
-            let found =
-                self.log.lock().ok().and_then(|g| g.times.iter().filter(|(i, _)| *i >= t).map(|(_, a)| *a).min());
-            if let Some(a) = found {
-                return Ok(a);
-            }
-            ensure!(Instant::now() < deadline, "no write issued after the fault was acknowledged within {within:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        poll("the acknowledgement of a write issued after the fault", within, || {
+            self.log
+                .lock()
+                .ok()
+                .and_then(|g| g.times.iter().filter(|(i, _)| *i >= t).map(|(_, a)| *a).min())
+                .ok_or_else(|| "none yet".to_string())
+        })
+        .map_err(anyhow::Error::msg)
     }
 
     fn stop(mut self) -> WriterLog {

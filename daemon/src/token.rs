@@ -45,6 +45,7 @@ use tonic::Status;
 
 use crate::agent::Shared;
 use crate::client::{Conn, Output};
+use crate::run::{hex, sha256};
 use crate::tls::{CA_KEY_FILE, node_id_for};
 
 /// Control request kinds on a join connection.
@@ -117,17 +118,6 @@ pub fn parse(text: &str) -> Result<ParsedToken, String> {
         return Err("the id must be 8 and the secret 32 hex digits".into());
     }
     Ok(ParsedToken { purpose, id: parts[1].to_ascii_lowercase(), secret: parts[2].to_ascii_lowercase(), ca_hash })
-}
-
-fn sha256(b: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, b);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn random_hex(bytes: usize) -> String {

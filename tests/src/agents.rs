@@ -10,18 +10,25 @@ use std::time::{Duration, Instant};
 
 use crate::bin::{Run, quiver_bin};
 
-/// Polls `f` every 25 ms until it returns `Some`, or panics after `within` with `what` and the
-/// last thing `f` saw.
-#[track_caller]
-pub fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
+/// The one wait of the tests and drills: polls `f` every 20 ms until it returns `Ok`, or after
+/// `within` returns an error naming `what` and the last thing `f` saw.
+pub fn poll<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, String>) -> Result<T, String> {
     let deadline = Instant::now() + within;
     loop {
         match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => panic!("timed out after {within:?} waiting for {what}: {last}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(25)),
+            Ok(v) => return Ok(v),
+            Err(last) if Instant::now() >= deadline => {
+                return Err(format!("timed out after {within:?} waiting for {what}: {last}"));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
+}
+
+/// [`poll`] that panics on timeout.
+#[track_caller]
+pub fn wait_for<T>(what: &str, within: Duration, f: impl FnMut() -> Result<T, String>) -> T {
+    poll(what, within, f).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A port free for both UDP and TCP on 127.0.0.1 right now, and not handed out before by this
@@ -102,17 +109,17 @@ impl Agent {
     /// Waits (bounded) for the process to exit by itself; its exit status.
     #[track_caller]
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            let c = self.child.as_mut().unwrap_or_else(|| panic!("{} is not running", self.name));
-            if let Some(s) = c.try_wait().expect("waiting for the agent") {
+        let name = self.name.clone();
+        let c = self.child.as_mut().unwrap_or_else(|| panic!("{name} is not running"));
+        let exited = poll(&format!("{name} to exit"), within, || {
+            c.try_wait().expect("waiting for the agent").ok_or_else(|| "still running".to_string())
+        });
+        match exited {
+            Ok(s) => {
                 self.child = None;
-                return s;
+                s
             }
-            if Instant::now() >= deadline {
-                panic!("{} did not exit within {within:?}\n{}", self.name, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
+            Err(e) => panic!("{e}\n{}", self.log_tail()),
         }
     }
 
@@ -134,18 +141,14 @@ impl Agent {
         let mut c = self.child.take().expect("agent not running");
         let status = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().expect("running kill");
         assert!(status.success(), "kill -TERM failed");
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(s) = c.try_wait().expect("waiting for the agent") {
-                return s;
-            }
-            if Instant::now() >= deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("{} did not exit within {within:?} of SIGTERM\n{}", self.name, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let exited = poll(&format!("{} to exit after SIGTERM", self.name), within, || {
+            c.try_wait().expect("waiting for the agent").ok_or_else(|| "still running".to_string())
+        });
+        exited.unwrap_or_else(|e| {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{e}\n{}", self.log_tail())
+        })
     }
 
     /// SIGSTOP: the process stalls (every thread, sockets left open) until [`Self::cont`].
@@ -186,19 +189,16 @@ impl Agent {
     /// Waits until `/readyz` answers 200.
     #[track_caller]
     pub fn wait_ready(&mut self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            match self.http_get("/readyz") {
-                Ok((200, _)) => return,
-                other if Instant::now() >= deadline => {
-                    panic!("{} not ready within {within:?}: {other:?}\n{}", self.name, self.log_tail())
-                }
-                _ => {}
-            }
-            if !self.is_running() {
-                panic!("{} exited while waiting for it to be ready\n{}", self.name, self.log_tail());
-            }
-            std::thread::sleep(Duration::from_millis(25));
+        // Ok(false): the process exited, which no amount of waiting mends.
+        let ready = poll(&format!("{} to be ready", self.name), within, || match self.http_get("/readyz") {
+            Ok((200, _)) => Ok(true),
+            _ if !self.is_running() => Ok(false),
+            other => Err(format!("{other:?}")),
+        });
+        match ready {
+            Ok(true) => {}
+            Ok(false) => panic!("{} exited while waiting for it to be ready\n{}", self.name, self.log_tail()),
+            Err(e) => panic!("{e}\n{}", self.log_tail()),
         }
     }
 

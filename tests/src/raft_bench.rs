@@ -289,10 +289,10 @@ fn commit_latencies(dir: &Path, commits: usize) -> Result<Vec<f64>, RaftBenchErr
         let leader = Arc::clone(&leader);
         handles.push(thread::spawn(move || replica(&mut core, &store, &rx, &peers, &leader)));
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while leader.load(Ordering::Acquire) == 0 && Instant::now() < deadline {
-        thread::sleep(Duration::from_millis(5));
-    }
+    // No leader within the time is reported just below.
+    let _ = crate::agents::poll("a leader", Duration::from_secs(10), || {
+        if leader.load(Ordering::Acquire) == 0 { Err("none yet".into()) } else { Ok(()) }
+    });
     let result = (|| {
         let id = leader.load(Ordering::Acquire);
         let tx = senders

@@ -439,7 +439,7 @@ impl Jobs for JobsSvc {
             let bytes = tokio::fs::read(&features)
                 .await
                 .map_err(|e| invalid("params.features_path", format!("{features}: {e}")))?;
-            spec.features_digest = ring::digest::digest(&ring::digest::SHA256, &bytes).as_ref().to_vec();
+            spec.features_digest = crate::run::sha256(&bytes).to_vec();
         }
         let holders = super::replica::second_holder(&self.shared, &spec, &digest).await;
         let params = spec.params.clone().unwrap_or_default();

@@ -20,6 +20,7 @@ use quiver_proto::control::JobSpec;
 use quiver_proto::peer::{ErrorReply, ReplicaMeta, StreamHeader, StreamKind, frame_header};
 
 use super::Shared;
+use crate::run::sha256;
 
 /// How long one copy may take before the sender gives up on that holder: 2 s plus the time to
 /// move its bytes at 50 MB/s (a node killed a moment ago still looks alive for about a second, and
@@ -31,14 +32,6 @@ fn push_within(bytes: usize) -> Duration {
 /// Where a graph with this digest lives on any holder: `DATA_DIR/blobs/<sha256 hex>`.
 pub fn graph_name(digest: &[u8; 32]) -> String {
     format!("blobs/{}", crate::run::hex(digest))
-}
-
-/// The SHA-256 of `bytes`.
-fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// Whether `name` is a place a peer may write under our data directory: `blobs/<64 hex>` or

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use crate::grpc;
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
@@ -12,7 +13,7 @@ use quiver_proto::control::{
 use quiver_tests::agents::{LocalCluster, wait_for};
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 const READY: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(15);
@@ -207,23 +208,6 @@ fn agent_refuses_a_certificate_for_another_name_and_an_empty_data_dir() {
     });
     let log = std::fs::read_to_string(&c.agents[0].log).unwrap();
     assert!(log.contains("holds no cluster"), "{log}");
-}
-
-/// A gRPC channel to agent `i` with the cluster's client certificate, as any gRPC tool uses one.
-async fn grpc(c: &LocalCluster, i: usize) -> Channel {
-    let read = |f: &str| std::fs::read(c.client_tls.join(f)).unwrap_or_else(|e| panic!("reading {f}: {e}"));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-        .domain_name("cluster.quiver");
-    Channel::from_shared(format!("https://{}", c.agents[i].addr()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap()
 }
 
 fn runtime() -> tokio::runtime::Runtime {

@@ -12,7 +12,6 @@ use quiver_proto::control::diffusion_client::DiffusionClient;
 use quiver_proto::control::{DiffuseRequest, Kernel, KernelParams};
 use quiver_tests::agents::{LocalCluster, wait_for};
 use quiver_tests::bin::quiver;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const READY: Duration = Duration::from_secs(20);
 
@@ -133,22 +132,9 @@ fn rules_and_dashboard_query_only_metrics_a_live_agent_exports() {
 
 /// One `Diffuse` request, sent twice to agent 0.
 fn diffuse_twice(c: &LocalCluster) {
-    let read = |f: &str| std::fs::read(c.client_tls.join(f)).unwrap_or_else(|e| panic!("reading {f}: {e}"));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-        .domain_name("cluster.quiver");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let ch = Channel::from_shared(format!("https://{}", c.agents[0].addr()))
-            .unwrap()
-            .tls_config(tls)
-            .unwrap()
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .unwrap();
-        let mut client = DiffusionClient::new(ch);
+        let mut client = DiffusionClient::new(crate::grpc(c, 0).await);
         let req = DiffuseRequest {
             vertices: 4,
             sources: vec![0, 1, 2, 3],

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::grpc_channel;
 use quiver_proto::control::MembersRequest;
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_tests::agents::{LocalCluster, wait_for};
@@ -17,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use serde_json::Value;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 const READY: Duration = Duration::from_secs(20);
 const CONVERGE: Duration = Duration::from_secs(15);
@@ -56,21 +57,6 @@ fn refused_join(c: &mut LocalCluster, i: usize, token: &str) -> String {
     assert!(!status.success(), "{} should have been refused\n{}", c.agents[i].name, c.agents[i].log_tail());
     assert!(!c.agents[i].tls_dir.join("node.pem").exists(), "a refused joiner must not hold a certificate");
     std::fs::read_to_string(&c.agents[i].log).unwrap()
-}
-
-async fn grpc_channel(addr: &str, ca: &[u8], identity: Option<(Vec<u8>, Vec<u8>)>) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).domain_name("cluster.quiver");
-    if let Some((cert, key)) = identity {
-        tls = tls.identity(Identity::from_pem(cert, key));
-    }
-    Channel::from_shared(format!("https://{addr}"))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
 }
 
 async fn members_call(ch: Channel, bearer: Option<&str>) -> Result<usize, tonic::Status> {

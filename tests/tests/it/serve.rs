@@ -4,31 +4,16 @@
 
 use std::time::{Duration, Instant};
 
+use crate::grpc;
 use quiver_proto::control::cluster_client::ClusterClient;
 use quiver_proto::control::diffusion_client::DiffusionClient;
 use quiver_proto::control::{DiffuseRequest, DiffuseResponse, Kernel, KernelParams, StatusRequest};
 use quiver_tests::agents::{LocalCluster, wait_for};
 use quiver_tests::bin::quiver;
 use tonic::Code;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 const READY: Duration = Duration::from_secs(20);
-
-async fn grpc(c: &LocalCluster, i: usize) -> Channel {
-    let read = |f: &str| std::fs::read(c.client_tls.join(f)).unwrap_or_else(|e| panic!("reading {f}: {e}"));
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read("ca.pem")))
-        .identity(Identity::from_pem(read("client.pem"), read("client.key")))
-        .domain_name("cluster.quiver");
-    Channel::from_shared(format!("https://{}", c.agents[i].addr()))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .timeout(Duration::from_secs(30))
-        .connect()
-        .await
-        .unwrap()
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()

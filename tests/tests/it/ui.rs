@@ -6,9 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use quiver_tests::agents::LocalCluster;
+use quiver_tests::agents::{LocalCluster, poll};
 use quiver_tests::bin::quiver;
 use serde_json::Value;
 
@@ -39,17 +39,13 @@ fn browse(bin: &Path, profile: &Path, args: &[String], url: &str) -> String {
         .stderr(Stdio::null())
         .spawn()
         .expect("starting chromium");
-    let deadline = Instant::now() + BROWSER_WITHIN;
-    loop {
-        if child.try_wait().expect("waiting for chromium").is_some() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("chromium did not finish within {BROWSER_WITHIN:?}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    let finished = poll("chromium to finish", BROWSER_WITHIN, || {
+        child.try_wait().expect("waiting for chromium").ok_or_else(|| "still running".to_string())
+    });
+    if let Err(e) = finished {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{e}");
     }
     let out = child.wait_with_output().expect("chromium output");
     assert!(out.status.success(), "chromium failed: {}", out.status);
