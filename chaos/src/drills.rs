@@ -218,11 +218,7 @@ fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
     let logs = if passed { String::new() } else { cx.c.logs() };
     // QUIVER_CHAOS_LOGS=DIR keeps every agent's whole log as DIR/DRILL-SEED-NODE.log.
     if let Some(keep) = std::env::var_os("QUIVER_CHAOS_LOGS") {
-        let keep = PathBuf::from(keep);
-        let _ = std::fs::create_dir_all(&keep);
-        for a in &cx.c.agents {
-            let _ = std::fs::copy(&a.log, keep.join(format!("{}-{seed}-{}.log", drill.name(), a.name)));
-        }
+        cx.c.keep_logs(Path::new(&keep), &format!("{}-{seed}", drill.name()));
     }
     for a in &mut cx.c.agents {
         a.kill9();
@@ -415,7 +411,8 @@ impl Ctx {
 
     /// Waits until the job has done `steps` supersteps; an already finished job is an error
     /// (the fault would not land mid-job).
-    fn job_mid_run(&self, job: &JobRun, steps: u64) -> Result<()> {
+    /// Waits until the job runs past superstep `steps` with at least `holders` holders recorded.
+    fn job_mid_run(&self, job: &JobRun, steps: u64, holders: usize) -> Result<()> {
         let n = self.c.agents.len();
         // Ok(Err(_)): the job ended before the fault, which no amount of waiting mends.
         self.until(&format!("the job to reach superstep {steps}"), Duration::from_secs(120), |s| {
@@ -424,7 +421,7 @@ impl Ctx {
             // so every node is asked.
             for i in (0..n).filter(|&i| s.c.agents[i].pid().is_some()) {
                 let Ok(j) = s.rt.block_on(async { client::job(&s.ch(i)?, job.id).await }) else { continue };
-                if j.state == JobState::Running as i32 && j.superstep >= steps {
+                if j.state == JobState::Running as i32 && j.superstep >= steps && j.holders.len() >= holders {
                     return Ok(Ok(()));
                 }
                 if j.state >= JobState::Succeeded as i32 {
@@ -436,7 +433,8 @@ impl Ctx {
                         j.error
                     )));
                 }
-                last = format!("job {} at superstep {} (state {})", job.id, j.superstep, j.state);
+                last =
+                    format!("job {} at superstep {} (state {}, holders {:?})", job.id, j.superstep, j.state, j.holders);
             }
             bail!("{last}")
         })?
@@ -519,8 +517,9 @@ impl Ctx {
             match drill {
                 Drill::LossyLinksJob => {}
                 // Past the first checkpoint (every 20 supersteps), which the second holder resumes from.
-                Drill::HolderKillJob => self.job_mid_run(&j, 25 + self.seed % 10)?,
-                _ => self.job_mid_run(&j, 2 + self.seed % 3)?,
+                // With its second holder recorded (the copy runs beside the job).
+                Drill::HolderKillJob => self.job_mid_run(&j, 25 + self.seed % 10, 2)?,
+                _ => self.job_mid_run(&j, 2 + self.seed % 3, 1)?,
             }
             job = Some((j, via));
         }

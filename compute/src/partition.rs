@@ -25,6 +25,7 @@
 //! With `P = 1` the single partition shares the graph's arrays (no copy) and has no halo.
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 
@@ -278,17 +279,35 @@ fn build_partition(g: &Csr, index: usize, range: Range<u32>, bounds: &[u32]) -> 
     let all = g.offsets();
     let base = all[first];
     let global_rows = &g.sources()[base as usize..all[end] as usize];
-    // Halo: every source outside the owned range, sorted and deduplicated.
-    let mut halo: Vec<u32> = global_rows.par_iter().copied().filter(|&u| !range.contains(&u)).collect();
-    halo.par_sort_unstable();
-    halo.dedup();
-    let local_of = |u: u32| -> u32 {
-        if range.contains(&u) {
-            u - range.start
-        } else {
-            owned as u32 + halo.binary_search(&u).expect("every outside source is in the halo") as u32
+    // Halo: every source outside the owned range, ascending and once each. A bitmap over all
+    // vertices marks them (one pass over the rows, in parallel); reading it in order yields the
+    // sorted, deduplicated list without sorting the tens of millions of raw sources.
+    let seen: Vec<AtomicU64> = (0..g.vertices().div_ceil(64)).map(|_| AtomicU64::new(0)).collect();
+    global_rows.par_chunks(1 << 16).for_each(|chunk| {
+        for &u in chunk {
+            if !range.contains(&u) {
+                let (word, bit) = (&seen[(u >> 6) as usize], 1u64 << (u & 63));
+                if word.load(Ordering::Relaxed) & bit == 0 {
+                    word.fetch_or(bit, Ordering::Relaxed);
+                }
+            }
         }
-    };
+    });
+    let mut halo: Vec<u32> = Vec::new();
+    for (w, word) in seen.iter().enumerate() {
+        let mut bits = word.load(Ordering::Relaxed);
+        while bits != 0 {
+            halo.push((w as u32) << 6 | bits.trailing_zeros());
+            bits &= bits - 1;
+        }
+    }
+    drop(seen);
+    // Local id of each halo vertex, indexed by global id (only halo entries are ever read).
+    let mut slot = vec![0u32; g.vertices()];
+    for (i, &u) in halo.iter().enumerate() {
+        slot[u as usize] = (owned + i) as u32;
+    }
+    let local_of = |u: u32| -> u32 { if range.contains(&u) { u - range.start } else { slot[u as usize] } };
     let sources = Segment::build(global_rows.len(), |out: &mut [u32]| {
         out.par_chunks_mut(1 << 16).zip(global_rows.par_chunks(1 << 16)).for_each(|(o, s)| {
             for (o, &u) in o.iter_mut().zip(s) {
@@ -296,6 +315,7 @@ fn build_partition(g: &Csr, index: usize, range: Range<u32>, bounds: &[u32]) -> 
             }
         })
     });
+    drop(slot);
     let offsets = Segment::build(owned + 1, |o: &mut [u64]| {
         for (o, &x) in o.iter_mut().zip(&all[first..=end]) {
             *o = x - base;

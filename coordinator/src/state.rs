@@ -236,6 +236,9 @@ pub enum Op {
     /// Spends one use of a join token: refused when unknown, of another purpose, wrong secret,
     /// expired at `now_unix` (the proposer's clock), or used up; a replayed token is refused.
     UseToken { id: String, secret_hash: Digest, purpose: TokenPurpose, now_unix: u64 },
+    /// `node` now holds a copy of the job's graph (and features): it may master the job when
+    /// the holders before it are down. Idempotent; refused for a node that is not a member.
+    AddHolder { job: JobId, node: NodeId },
 }
 
 /// What a token lets its holder do.
@@ -558,6 +561,16 @@ impl ClusterState {
                 j.state = JobState::Cancelled;
                 Ok(Outcome::Done)
             }
+            Op::AddHolder { job, node } => {
+                if !self.members.contains_key(node) {
+                    return Err(Rejection::UnknownNode(*node));
+                }
+                let j = self.live_job_mut(*job)?;
+                if !j.spec.holders.contains(node) {
+                    j.spec.holders.push(*node);
+                }
+                Ok(Outcome::Done)
+            }
             Op::AddToken { id, token, now_unix } => {
                 self.prune_tokens(*now_unix);
                 if self.tokens.contains_key(id) {
@@ -693,6 +706,22 @@ mod tests {
         assert!(!s.jobs[&4].data_lost(&s.members));
         s.apply(11, &cmd(1, 11, Op::Leave { node: 3 }));
         assert!(s.jobs[&4].data_lost(&s.members));
+    }
+
+    #[test]
+    fn a_holder_added_after_submit_can_take_the_job_over() {
+        let mut s = ClusterState::bootstrap(&[info(1), info(2), info(3)], &[1, 2, 3]);
+        s.apply(4, &cmd(1, 1, Op::Submit { spec: JobSpec { holders: vec![2], ..spec(2) }, graph_digest: [0; 32] }));
+        let add =
+            |s: &mut ClusterState, index, node| s.apply(index, &cmd(1, index, Op::AddHolder { job: 4, node })).outcome;
+        assert_eq!(add(&mut s, 5, 9), Outcome::Rejected(Rejection::UnknownNode(9)));
+        assert_eq!(add(&mut s, 6, 3), Outcome::Done);
+        assert_eq!(add(&mut s, 7, 3), Outcome::Done, "idempotent");
+        assert_eq!(s.jobs[&4].spec.holders, vec![2, 3]);
+        s.apply(8, &cmd(1, 8, Op::Leave { node: 2 }));
+        assert!(!s.jobs[&4].data_lost(&s.members), "the added holder keeps the data");
+        s.apply(9, &cmd(1, 9, Op::Cancel { job: 4 }));
+        assert_eq!(add(&mut s, 10, 1), Outcome::Rejected(Rejection::JobFinished(4)));
     }
 
     #[test]

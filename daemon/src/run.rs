@@ -1,7 +1,7 @@
 //! `quiver run`: one diffusion in this process, no cluster. This is the COST baseline every
 //! distributed run is compared against, and the reference its results must equal bit for bit.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -243,6 +243,21 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(d.as_ref());
     out
+}
+
+/// SHA-256 of the file at `path`, read through a memory map (no copy of its bytes); refuses an
+/// empty file.
+pub fn sha256_file(path: &Path) -> Result<[u8; 32], String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: not readable on this node: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    if len == 0 {
+        return Err(format!("{}: the file is empty", path.display()));
+    }
+    // SAFETY: the map is read-only and dropped before returning. As with every mapped graph
+    // file, the caller's contract is that nobody truncates the file while it is read.
+    let map =
+        unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(sha256(&map))
 }
 
 /// Lowercase hex of a digest.

@@ -318,6 +318,15 @@ impl LocalCluster {
         run_bin(&self.bin, self.dir.path(), &all)
     }
 
+    /// Copies every agent's whole log to `dir` as `PREFIX-NAME.log` (best effort: the logs are
+    /// a diagnostic, never a reason to fail).
+    pub fn keep_logs(&self, dir: &Path, prefix: &str) {
+        let _ = std::fs::create_dir_all(dir);
+        for a in &self.agents {
+            let _ = std::fs::copy(&a.log, dir.join(format!("{prefix}-{}.log", a.name)));
+        }
+    }
+
     /// Every agent's log tail.
     pub fn logs(&self) -> String {
         self.agents.iter().map(Agent::log_tail).collect::<Vec<_>>().join("\n")

@@ -6,7 +6,7 @@
 //! Raft ([`peer::propose`]: locally on the leader, forwarded over QUIC otherwise). Handlers never
 //! touch the coordinator core.
 
-use std::path::Path;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -355,6 +355,7 @@ impl Jobs for JobsSvc {
             _ => return Err(invalid("spec", "missing: the first message of a submit must carry the job spec")),
         };
         let kernel = validate(&spec)?;
+        let started = std::time::Instant::now();
         let blobs = self.shared.data_dir.join("blobs");
         tokio::fs::create_dir_all(&blobs)
             .await
@@ -406,42 +407,40 @@ impl Jobs for JobsSvc {
             if spec.graph_path.is_empty() {
                 return Err(invalid("graph", "missing: upload the graph (quiver submit GRAPH) or set graph_path"));
             }
-            let bytes = tokio::fs::read(&spec.graph_path)
-                .await
-                .map_err(|e| invalid("graph_path", format!("{}: not readable on this node: {e}", spec.graph_path)))?;
-            if bytes.is_empty() {
-                return Err(invalid("graph_path", format!("{}: the file is empty", spec.graph_path)));
-            }
-            digest.update(&bytes);
         }
-        let digest: [u8; 32] = digest.finish().as_ref().try_into().map_err(|_| Status::internal("digest length"))?;
-        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-        if total > 0 {
-            let blob = blobs.join(&hex);
+        // An upload's digest is known; a file named by path is hashed while it loads.
+        let uploaded = if total > 0 {
+            let digest: [u8; 32] =
+                digest.finish().as_ref().try_into().map_err(|_| Status::internal("digest length"))?;
+            let blob = blobs.join(crate::run::hex(&digest));
             tokio::fs::rename(&part, &blob)
                 .await
                 .map_err(|e| Status::internal(format!("storing {}: {e}", blob.display())))?;
             spec.graph_path = blob.display().to_string();
-        }
+            Some(digest)
+        } else {
+            None
+        };
+        let read_seconds = started.elapsed().as_secs_f64();
         let alive = view(&self.shared).state.members.values().filter(|m| m.liveness == Liveness::Alive).count();
-        let shapes =
-            match self.shared.jobs.prepare(&self.shared, &spec, Path::new(&spec.graph_path), digest, alive).await {
-                Ok(s) => s,
-                Err(e) => {
-                    if total > 0 {
-                        let _ = tokio::fs::remove_file(&spec.graph_path).await;
-                    }
-                    return Err(e);
+        let path = PathBuf::from(&spec.graph_path);
+        let (digest, shapes) = match self.shared.jobs.prepare(&self.shared, &spec, &path, uploaded, alive).await {
+            Ok(s) => s,
+            Err(e) => {
+                if total > 0 {
+                    let _ = tokio::fs::remove_file(&spec.graph_path).await;
                 }
-            };
+                return Err(e);
+            }
+        };
         spec.holder = self.shared.node_id;
         if let Some(features) = spec.params.as_ref().map(|p| p.features_path.clone()).filter(|f| !f.is_empty()) {
-            let bytes = tokio::fs::read(&features)
+            let hashed = tokio::task::spawn_blocking(move || crate::run::sha256_file(std::path::Path::new(&features)))
                 .await
-                .map_err(|e| invalid("params.features_path", format!("{features}: {e}")))?;
-            spec.features_digest = crate::run::sha256(&bytes).to_vec();
+                .map_err(|e| Status::internal(e.to_string()))?;
+            spec.features_digest = hashed.map_err(|e| invalid("params.features_path", e))?.to_vec();
         }
-        let holders = super::replica::second_holder(&self.shared, &spec, &digest).await;
+        let prepared_seconds = started.elapsed().as_secs_f64();
         let params = spec.params.clone().unwrap_or_default();
         let request = RequestId {
             client: if spec.client_id == 0 { random_client() } else { spec.client_id },
@@ -454,12 +453,20 @@ impl Jobs for JobsSvc {
             iterations: params.max_iterations,
             feature_width: params.width.max(1),
             partitions: shapes,
-            holders,
+            // The second holder is added once its copy is stored (`replica::second_holder`).
+            holders: vec![self.shared.node_id],
         };
         let cmd = Command { request, op: Op::Submit { spec: core_spec, graph_digest: digest } };
         match peer::propose(&self.shared, cmd, WRITE_WITHIN).await.map_err(unavailable)? {
             Outcome::Submitted { job } => {
                 metrics::counter!("quiver_jobs_submitted_total").increment(1);
+                tracing::info!(
+                    job,
+                    read_seconds,
+                    prepared_seconds,
+                    recorded_seconds = started.elapsed().as_secs_f64(),
+                    "job submitted"
+                );
                 Ok(Response::new(SubmitResponse { job_id: job }))
             }
             Outcome::Rejected(r) => Err(Status::failed_precondition(format!("submit: {r}"))),

@@ -95,19 +95,31 @@ impl JobsHost {
 
     /// Loads and checks what a submit asks for, before it is recorded: the graph (at `path`, in
     /// the spec's format), the kernel parameters against it, and the partition shapes for the
-    /// scheduler. `partitions` is the count to cut when the spec leaves it at 0.
+    /// scheduler. `partitions` is the count to cut when the spec leaves it at 0. Without a known
+    /// `digest` the file's SHA-256 is taken while it loads. Returns the digest and the shapes.
     pub async fn prepare(
         &self,
         shared: &Shared,
         spec: &JobSpec,
         path: &Path,
-        digest: [u8; 32],
+        digest: Option<[u8; 32]>,
         partitions: usize,
-    ) -> Result<Vec<PartitionShape>, Status> {
-        let g = self
-            .graph(shared, spec, path, digest)
-            .await
-            .map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
+    ) -> Result<([u8; 32], Vec<PartitionShape>), Status> {
+        let (digest, g) = match digest {
+            Some(d) => (d, self.graph(shared, spec, path, d).await),
+            None => {
+                let hashed = {
+                    let path = path.to_path_buf();
+                    tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
+                };
+                let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
+                let d = hashed
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
+                (d, loaded.map(|g| self.remember(d, g)))
+            }
+        };
+        let g = g.map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
         let params = spec.params.clone().unwrap_or_default();
         let g2 = g.clone();
         // Checking features reads a file and may generate megabytes: on the workers.
@@ -131,13 +143,14 @@ impl JobsHost {
         let bounds = quiver_compute::partition::boundaries(&g, count, quiver_compute::partition::default_alpha(count))
             .map_err(|e| Status::invalid_argument(format!("partitions: {e}")))?;
         let offsets = g.offsets();
-        Ok(bounds
+        let shapes = bounds
             .windows(2)
             .map(|w| PartitionShape {
                 vertices: u64::from(w[1] - w[0]),
                 edges: offsets[w[1] as usize] - offsets[w[0] as usize],
             })
-            .collect())
+            .collect();
+        Ok((digest, shapes))
     }
 
     /// The graph with this digest: from memory, or loaded from `path` on the workers.
@@ -147,6 +160,12 @@ impl JobsHost {
         {
             return Ok(g);
         }
+        Ok(self.remember(digest, self.load(shared, spec, path).await?))
+    }
+
+    /// Loads the graph at `path` on the workers, in the spec's format (else by extension, else
+    /// by its first bytes).
+    async fn load(&self, shared: &Shared, spec: &JobSpec, path: &Path) -> Result<Csr, String> {
         let format = match GraphFormat::try_from(spec.format) {
             Ok(GraphFormat::Snap) => Some(Format::EdgeList),
             Ok(GraphFormat::MatrixMarket) => Some(Format::MatrixMarket),
@@ -154,7 +173,7 @@ impl JobsHost {
             _ => None,
         };
         let path = path.to_path_buf();
-        let g = shared
+        shared
             .workers
             .run(0, move || {
                 let format = match format.or_else(|| Format::from_path(&path).ok()) {
@@ -169,7 +188,11 @@ impl JobsHost {
             })
             .await
             .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| e.to_string())
+    }
+
+    /// Keeps `g` in the cache of recently used graphs under `digest`.
+    fn remember(&self, digest: [u8; 32], g: Csr) -> Arc<Csr> {
         let g = Arc::new(g);
         let mut cache = self.graphs.lock().expect("graph cache");
         cache.retain(|(d, _)| *d != digest);
@@ -177,7 +200,7 @@ impl JobsHost {
         if cache.len() > GRAPH_CACHE {
             cache.remove(0);
         }
-        Ok(g)
+        g
     }
 }
 
@@ -476,16 +499,14 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
     host.progress.insert(job.id, ptx.clone());
     let started = std::time::Instant::now();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
-    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, job.spec.holders.clone(), crx));
+    let files = JobFiles::of(&shared, &spec, &job.graph_digest).map(Arc::new);
+    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, files.clone().ok(), crx));
     let run = async {
-        let path = graph_path_here(&shared, &spec, &job.graph_digest);
-        let g = host.graph(&shared, &spec, &path, job.graph_digest).await.map_err(fatal)?;
+        let files = files.map_err(fatal)?;
+        let g = host.graph(&shared, &spec, &files.graph, job.graph_digest).await.map_err(fatal)?;
         let mut params = spec.params.clone().unwrap_or_default();
-        if !params.features_path.is_empty() && spec.holder != shared.node_id {
-            // The other holders keep the features file by its digest, as they keep the graph.
-            let digest = <[u8; 32]>::try_from(spec.features_digest.as_slice())
-                .map_err(|_| fatal("params.features_path: the job recorded no digest for its features file"))?;
-            params.features_path = shared.data_dir.join(super::replica::graph_name(&digest)).display().to_string();
+        if let Some((path, _)) = &files.features {
+            params.features_path = path.display().to_string();
         }
         let g2 = g.clone();
         let (kernel, features, stop) = shared
@@ -622,17 +643,36 @@ fn fatal(reason: impl Into<String>) -> MasterError {
 }
 
 /// Superstep time between checkpoints when the job does not fix `checkpoint_every`.
-const CHECKPOINT_SECONDS: f64 = 5.0;
+pub(crate) const CHECKPOINT_SECONDS: f64 = 5.0;
 /// New epochs a job may take after losing nodes before it fails.
 const MAX_EPOCH_RETRIES: u32 = 8;
 
 /// Where this node finds a job's graph: the submitted path on the holder that took the submit,
 /// the content-addressed copy (`DATA_DIR/blobs/<sha256>`) on any other holder.
-fn graph_path_here(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> PathBuf {
-    if spec.holder == shared.node_id {
-        PathBuf::from(&spec.graph_path)
-    } else {
-        shared.data_dir.join(super::replica::graph_name(digest))
+/// Where a job's input files are on this node: the submitting holder has them where the submit
+/// named them; every other holder keeps them by digest under `DATA_DIR/blobs/`.
+pub(crate) struct JobFiles {
+    pub graph: PathBuf,
+    pub graph_digest: [u8; 32],
+    /// The APPNP features file named by path, with its digest.
+    pub features: Option<(PathBuf, [u8; 32])>,
+}
+
+impl JobFiles {
+    fn of(shared: &Shared, spec: &JobSpec, graph_digest: &[u8; 32]) -> Result<Self, String> {
+        let submitter = spec.holder == shared.node_id;
+        let here = |given: &str, digest: &[u8; 32]| {
+            if submitter { PathBuf::from(given) } else { shared.data_dir.join(super::replica::graph_name(digest)) }
+        };
+        let named = spec.params.as_ref().map(|p| p.features_path.as_str()).unwrap_or_default();
+        let features = if named.is_empty() {
+            None
+        } else {
+            let digest = <[u8; 32]>::try_from(spec.features_digest.as_slice())
+                .map_err(|_| "params.features_path: the job recorded no digest for its features file".to_string())?;
+            Some((here(named, &digest), digest))
+        };
+        Ok(Self { graph: here(&spec.graph_path, graph_digest), graph_digest: *graph_digest, features })
     }
 }
 
@@ -648,9 +688,11 @@ async fn store_checkpoints(
     shared: Shared,
     job: u64,
     epoch: u64,
-    holders: Vec<u64>,
+    files: Option<Arc<JobFiles>>,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Checkpoint>,
 ) {
+    // Whether a second holder was sought for a job that had one holder (once per epoch).
+    let mut sought = false;
     // Whether the last checkpoint found no other holder (warned once, not every checkpoint).
     let mut alone = false;
     while let Some(c) = rx.recv().await {
@@ -687,6 +729,17 @@ async fn store_checkpoints(
         if let Err(e) = written {
             tracing::warn!(job, step, error = %e, "checkpoint not written; the job goes on without it");
             continue;
+        }
+        // The holders as recorded now. A job gets its second holder with its first checkpoint:
+        // a job that ends sooner never pays for the copy (nor would a restart lose more).
+        let recorded = || shared.view.borrow().state.jobs.get(&job).map(|j| j.spec.holders.clone()).unwrap_or_default();
+        let mut holders: Vec<u64> = recorded();
+        if holders.len() < 2
+            && !std::mem::replace(&mut sought, true)
+            && let Some(files) = &files
+        {
+            super::replica::second_holder(&shared, job, files).await;
+            holders = recorded();
         }
         let others: Vec<u64> = holders.iter().copied().filter(|&h| h != shared.node_id).collect();
         if !others.is_empty() {
@@ -761,7 +814,7 @@ async fn load_checkpoint(shared: &Shared, job: u64, step: u64, parts: usize) -> 
 }
 
 /// A request sequence unique to this process's commands (time-based, strictly increasing).
-fn unique_seq() -> u64 {
+pub(crate) fn unique_seq() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static LAST: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);

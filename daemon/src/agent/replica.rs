@@ -1,5 +1,7 @@
 //! Second copies of a job's data: its input graph and its checkpoints live on two holders, so
-//! a job outlives the loss of the node it was submitted to.
+//! a job outlives the loss of the node it was submitted to. The graph's copy is made with the
+//! job's first checkpoint (not on the submit's path) and the new holder is recorded in Raft once
+//! its copy is stored; checkpoints go to every holder recorded when they are taken.
 //!
 //! A copy travels on a `STREAM_KIND_REPLICA` stream as one zero-copy frame (`ReplicaMeta`: the
 //! file's place under the receiver's data directory and its SHA-256; one segment: its bytes).
@@ -14,12 +16,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use quiver_compute::Segment;
-use quiver_coordinator::state::Liveness;
+use quiver_coordinator::state::{Command, Liveness, Op, Outcome, RequestId};
 use quiver_node_agent::transport::{InboundStream, NodeId, OutFrame};
-use quiver_proto::control::JobSpec;
 use quiver_proto::peer::{ErrorReply, ReplicaMeta, StreamHeader, StreamKind, frame_header};
 
 use super::Shared;
+use super::jobs::JobFiles;
 use crate::run::sha256;
 
 /// How long one copy may take before the sender gives up on that holder: 2 s plus the time to
@@ -89,28 +91,34 @@ pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<(
         .with_context(|| format!("copying {name} to node {to}"))
 }
 
-/// Picks the job's second holder and copies the graph there (and the features file the job
-/// names, if any, which `spec.features_digest` must then hold); returns the job's holders (this
-/// node first). One holder only when no other member is alive or when no copy succeeds (logged).
-pub async fn second_holder(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u64> {
-    let me = shared.node_id;
-    let holders = copy_graph(shared, spec, digest).await;
-    let features = spec.params.as_ref().map(|p| p.features_path.as_str()).unwrap_or_default();
-    let (Some(&to), false) = (holders.get(1), features.is_empty()) else { return holders };
-    let Ok(fd) = <[u8; 32]>::try_from(spec.features_digest.as_slice()) else {
-        tracing::warn!("the job's features file has no digest: only this node can run it");
-        return vec![me];
+/// Gives a job its second holder: picks a node, copies the graph there (and the features file
+/// the job names, if any), then records the node in Raft (`Op::AddHolder`). The master calls it
+/// with the job's first checkpoint, so the submit's path and short jobs never pay for the copy;
+/// until then the submitting node is the job's only holder. A failed copy is logged and the job
+/// keeps one holder.
+pub async fn second_holder(shared: &Shared, job: u64, files: &JobFiles) {
+    let started = std::time::Instant::now();
+    let Some(to) = copy_graph(shared, &files.graph, &files.graph_digest).await else { return };
+    if let Some((path, digest)) = &files.features
+        && let Err(e) = push(shared, to, &graph_name(digest), path).await
+    {
+        tracing::warn!(job, node = to, error = %format!("{e:#}"), "the features file was not copied: only this node can run the job");
+        return;
+    }
+    let cmd = Command {
+        request: RequestId { client: shared.node_id, seq: super::jobs::unique_seq() },
+        op: Op::AddHolder { job, node: to },
     };
-    match push(shared, to, &graph_name(&fd), Path::new(features)).await {
-        Ok(()) => holders,
-        Err(e) => {
-            tracing::warn!(node = to, error = %format!("{e:#}"), "the features file was not copied: only this node can run the job");
-            vec![me]
+    match super::peer::propose(shared, cmd, Duration::from_secs(10)).await {
+        Ok(Outcome::Done) => {
+            tracing::info!(job, node = to, seconds = started.elapsed().as_secs_f64(), "the job has a second holder")
         }
+        Ok(other) => tracing::info!(job, node = to, outcome = ?other, "the second holder was not recorded"),
+        Err(e) => tracing::warn!(job, node = to, error = %e, "recording the second holder failed"),
     }
 }
 
-async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u64> {
+async fn copy_graph(shared: &Shared, path: &Path, digest: &[u8; 32]) -> Option<u64> {
     let me = shared.node_id;
     let others: Vec<u64> = {
         let v = shared.view.borrow();
@@ -122,13 +130,12 @@ async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u
             .collect()
     };
     if others.is_empty() {
-        return vec![me];
+        return None;
     }
     // Spread the copies over the cluster by graph. A node killed a moment ago still looks alive
     // for about a second, so when the first choice has not answered within a short stagger (or
     // refuses), a second node is offered the copy too and the first to store it is the holder.
     let name = graph_name(digest);
-    let path = Path::new(&spec.graph_path);
     let first = usize::from(digest[0]) % others.len();
     let a = others[first];
     let b = (others.len() > 1).then(|| others[(first + 1) % others.len()]);
@@ -141,7 +148,7 @@ async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u
         () = tokio::time::sleep(stagger) => None,
     };
     let failed_a = match early {
-        Some(Ok(())) => return vec![me, a],
+        Some(Ok(())) => return Some(a),
         Some(Err(e)) => Some(e),
         None => None,
     };
@@ -151,10 +158,10 @@ async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u
             None => to_a.await,
         };
         return match r {
-            Ok(()) => vec![me, a],
+            Ok(()) => Some(a),
             Err(e) => {
                 tracing::warn!(node = a, error = %format!("{e:#}"), "the job's graph has no second copy");
-                vec![me]
+                None
             }
         };
     };
@@ -169,17 +176,17 @@ async fn copy_graph(shared: &Shared, spec: &JobSpec, digest: &[u8; 32]) -> Vec<u
     while !(a_done && b_done) {
         tokio::select! {
             r = &mut to_a, if !a_done => match r {
-                Ok(()) => return vec![me, a],
+                Ok(()) => return Some(a),
                 Err(e) => { a_done = true; errors.push(format!("node {a}: {e:#}")); }
             },
             r = &mut to_b, if !b_done => match r {
-                Ok(()) => return vec![me, b],
+                Ok(()) => return Some(b),
                 Err(e) => { b_done = true; errors.push(format!("node {b}: {e:#}")); }
             },
         }
     }
     tracing::warn!(errors = %errors.join("; "), "the job's graph has no second copy: only this node can run it");
-    vec![me]
+    None
 }
 
 /// Copies `name` (a file under this node's data directory) to every node of `to` but this one

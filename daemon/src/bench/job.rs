@@ -48,6 +48,9 @@ pub struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Keep every agent's log in this directory (as `job-NAME.log`).
+    #[arg(long)]
+    pub keep_logs: Option<PathBuf>,
 }
 
 const NAMES: [&str; 7] = ["w1", "w2", "w3", "w4", "w5", "w6", "w7"];
@@ -130,6 +133,9 @@ pub fn run(a: Args) -> Result<()> {
         let job = jobs.get(GetJobRequest { job_id: id }).await?.into_inner();
         Ok::<_, anyhow::Error>((secs, steps, job))
     })?;
+    if let Some(dir) = &a.keep_logs {
+        c.keep_logs(dir, "job");
+    }
     ensure!(job.state == JobState::Succeeded as i32, "the job did not succeed: {}", job.error);
     let rss: Vec<u64> = c.agents.iter().map(|ag| ag.pid().map_or(0, peak_rss)).collect();
     let digest = crate::run::hex(&job.result_digest);

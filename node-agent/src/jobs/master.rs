@@ -122,6 +122,7 @@ pub async fn run_master(
         .await
         .map_err(|e| MasterError::fatal(e.to_string()))?
         .map_err(|e| MasterError::fatal(e.to_string()))?;
+    let cut_seconds = started.elapsed().as_secs_f64();
     let mut plan = job.kernel.to_plan(job.graph.vertices() as u64, &job.owners);
     if let Some(r) = &job.resume {
         plan.resume = true;
@@ -159,7 +160,15 @@ pub async fn run_master(
         }
         None => (0, f32::INFINITY, collect(&mut rx, 0, count, &job.owners, false).await?.partials),
     };
+    tracing::info!(
+        job = job.key.job,
+        epoch = job.key.epoch,
+        cut_seconds,
+        ready_seconds = started.elapsed().as_secs_f64(),
+        "every owner holds its partition"
+    );
     let mut since_checkpoint = 0f64;
+    let (steps_started, mut slowest_sum) = (Instant::now(), 0f64);
     while iterations < job.stop.max_iterations && !job.stop.tolerance.is_some_and(|t| residual <= t) {
         let step = iterations + 1;
         let checkpoint = checkpoints.is_some()
@@ -174,6 +183,7 @@ pub async fn run_master(
         let t = Instant::now();
         let got = collect(&mut rx, step, count, &job.owners, checkpoint).await?;
         since_checkpoint += t.elapsed().as_secs_f64();
+        slowest_sum += got.slowest;
         partials = got.partials;
         iterations = step;
         residual = partials.residual;
@@ -191,6 +201,14 @@ pub async fn run_master(
     for o in &to_owner {
         let _ = o.send(ToOwner::Finish);
     }
+    tracing::info!(
+        job = job.key.job,
+        epoch = job.key.epoch,
+        iterations,
+        superstep_seconds = steps_started.elapsed().as_secs_f64(),
+        slowest_compute_seconds = slowest_sum,
+        "supersteps done"
+    );
 
     let bounds =
         quiver_compute::partition::boundaries(&job.graph, count, quiver_compute::partition::default_alpha(count))
