@@ -296,6 +296,7 @@ pub fn spawn(shared: Shared) {
         let mut reassigning: HashSet<(u64, u64)> = HashSet::new();
         // Leader only: since when no holder of a job has been alive.
         let mut unreachable: HashMap<u64, std::time::Instant> = HashMap::new();
+        let mut collected = std::time::Instant::now();
         loop {
             tokio::select! {
                 changed = view.changed() => if changed.is_err() { return },
@@ -322,6 +323,16 @@ pub fn spawn(shared: Shared) {
                 unreachable.clear();
             }
             reconcile(&shared, &v.state, inherited, &mut reassigning);
+            if collected.elapsed() >= GARBAGE_EVERY {
+                collected = std::time::Instant::now();
+                let (dir, state) = (shared.data_dir.clone(), v.state.clone());
+                tokio::task::spawn_blocking(move || {
+                    let removed = super::replica::collect_garbage(&dir, &state, std::time::SystemTime::now());
+                    if !removed.is_empty() {
+                        tracing::info!(files = removed.len(), "removed blobs and checkpoints no unfinished job needs");
+                    }
+                });
+            }
         }
     });
 }
@@ -359,6 +370,9 @@ fn schedule(shared: &Shared, state: &quiver_coordinator::ClusterState, placing: 
         });
     }
 }
+
+/// How often the data directory is swept for blobs and checkpoints no unfinished job needs.
+const GARBAGE_EVERY: Duration = Duration::from_secs(60);
 
 /// How long every holder of a job may be down before the job fails as unreachable.
 const HOLDERS_DOWN_GRACE: Duration = Duration::from_secs(60);

@@ -295,6 +295,57 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::File::open(&dir).and_then(|d| d.sync_all())
 }
 
+/// Files younger than this are never collected: an upload being checked, a copy that arrived
+/// before its holder was recorded, a temporary file still being written.
+pub const GARBAGE_GRACE: Duration = Duration::from_secs(3600);
+
+/// Removes what no unfinished job needs any more from `data_dir`: `blobs/<sha256>` that are
+/// neither an unfinished job's graph nor its features file, `checkpoints/<job>/` of finished or
+/// unknown jobs, and leftover `.part` files; anything modified within [`GARBAGE_GRACE`] of `now`
+/// stays. Returns the paths removed. Results (`results/`) are kept: they are what clients fetch.
+pub fn collect_garbage(
+    data_dir: &Path,
+    state: &quiver_coordinator::ClusterState,
+    now: std::time::SystemTime,
+) -> Vec<PathBuf> {
+    let mut needed: std::collections::HashSet<String> = std::collections::HashSet::new();
+    for j in state.jobs.values().filter(|j| !j.state.is_terminal()) {
+        needed.insert(crate::run::hex(&j.graph_digest));
+        if let Some(spec) = super::jobs::spec_of(j)
+            && !spec.features_digest.is_empty()
+        {
+            needed.insert(crate::run::hex(&spec.features_digest));
+        }
+    }
+    let old = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age >= GARBAGE_GRACE))
+    };
+    let mut removed = Vec::new();
+    let entries = |dir: PathBuf| std::fs::read_dir(dir).into_iter().flatten().flatten();
+    for e in entries(data_dir.join("blobs")) {
+        let (path, name) = (e.path(), e.file_name().to_string_lossy().into_owned());
+        let blob = name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit());
+        let part = name.ends_with(".part");
+        if ((blob && !needed.contains(&name)) || part) && old(&path) && std::fs::remove_file(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    for e in entries(data_dir.join("checkpoints")) {
+        let path = e.path();
+        let finished = e
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|job| state.jobs.get(&job).is_none_or(|j| j.state.is_terminal()));
+        if finished && old(&path) && std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(path);
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::check_name;
@@ -319,5 +370,66 @@ mod tests {
             let e = check_name(bad).unwrap_err();
             assert!(e.contains("not a replica name"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn garbage_is_what_no_unfinished_job_needs_and_is_old() {
+        use std::time::{Duration, SystemTime};
+
+        use quiver_coordinator::state::{JobSpec, MemberInfo};
+        use quiver_coordinator::{ClusterState, Command, Op, RequestId};
+
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let info = MemberInfo {
+            id: 1,
+            peer_addr: "127.0.0.1:7000".into(),
+            control_addr: String::new(),
+            cores: 2,
+            memory_bytes: 1 << 30,
+        };
+        let mut s = ClusterState::bootstrap(&[info], &[1]);
+        let spec = |seq| JobSpec {
+            name: "pr".into(),
+            kernel: "pagerank".into(),
+            params: vec![],
+            iterations: 10,
+            feature_width: 1,
+            partitions: vec![],
+            holders: vec![seq],
+        };
+        let submit = |s: &mut ClusterState, seq: u64, digest: u8| {
+            let op = Op::Submit { spec: spec(seq), graph_digest: [digest; 32] };
+            s.apply(seq, &Command { request: RequestId { client: 1, seq }, op });
+        };
+        submit(&mut s, 1, 0xaa); // job 1: running
+        submit(&mut s, 2, 0xbb); // job 2: cancelled below
+        s.apply(3, &Command { request: RequestId { client: 1, seq: 3 }, op: Op::Cancel { job: 2 } });
+        let (running, cancelled) = (*s.jobs.keys().min().unwrap(), *s.jobs.keys().max().unwrap());
+        std::fs::create_dir_all(root.join("blobs")).unwrap();
+        for name in ["aa".repeat(32), "bb".repeat(32), "upload-1.part".into(), "notes".into()] {
+            std::fs::write(root.join("blobs").join(name), b"x").unwrap();
+        }
+        for job in [running, cancelled, 99] {
+            std::fs::create_dir_all(root.join(format!("checkpoints/{job}/20"))).unwrap();
+        }
+        // Nothing is old yet.
+        assert!(super::collect_garbage(root, &s, SystemTime::now()).is_empty());
+        let later = SystemTime::now() + super::GARBAGE_GRACE + Duration::from_secs(1);
+        let mut removed: Vec<String> = super::collect_garbage(root, &s, later)
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        removed.sort();
+        let want = [
+            format!("blobs/{}", "bb".repeat(32)),
+            "blobs/upload-1.part".into(),
+            format!("checkpoints/{cancelled}"),
+            "checkpoints/99".into(),
+        ];
+        assert_eq!(removed, want);
+        assert!(root.join("blobs").join("aa".repeat(32)).exists(), "the running job's graph stays");
+        assert!(root.join("blobs/notes").exists(), "files that are not ours stay");
+        assert!(root.join(format!("checkpoints/{running}/20")).exists());
     }
 }
