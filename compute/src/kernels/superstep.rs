@@ -272,9 +272,17 @@ impl<P> PartitionState<P> {
     /// The values a reader needs (its halo order), packed into a fresh aligned segment that can
     /// go on the wire without a further copy.
     pub fn pack_mirror_segment(&self, mirror: &Mirror) -> Segment<f32> {
+        self.pack_mirror_rows(mirror, 0..mirror.vertices.len())
+    }
+
+    /// Entries `rows` of a reader's mirror list, packed like [`Self::pack_mirror_segment`]: a
+    /// large halo goes out as several such pieces, each landing at `rows.start × width` of the
+    /// reader's buffer ([`Self::unpack_halo_at`]).
+    pub fn pack_mirror_rows(&self, mirror: &Mirror, rows: std::ops::Range<usize>) -> Segment<f32> {
         let w = self.width;
-        Segment::build(mirror.vertices.len() * w, |out: &mut [f32]| {
-            for (dst, &v) in out.chunks_exact_mut(w.max(1)).zip(&mirror.vertices) {
+        let vertices = &mirror.vertices[rows];
+        Segment::build(vertices.len() * w, |out: &mut [f32]| {
+            for (dst, &v) in out.chunks_exact_mut(w.max(1)).zip(vertices) {
                 dst.copy_from_slice(&self.cur[v as usize * w..(v as usize + 1) * w]);
             }
         })
@@ -289,6 +297,14 @@ impl<P> PartitionState<P> {
     pub fn unpack_halo(&mut self, source: &HaloSource, values: &[f32]) {
         let w = self.width;
         self.cur[source.slots.start as usize * w..source.slots.end as usize * w].copy_from_slice(values);
+    }
+
+    /// Copies a piece of an owner's packed values, starting `first` values into that owner's
+    /// buffer, into the halo slots it belongs to. The caller checks `first + values.len() ≤
+    /// self.halo_len(source)`.
+    pub fn unpack_halo_at(&mut self, source: &HaloSource, first: usize, values: &[f32]) {
+        let at = source.slots.start as usize * self.width + first;
+        self.cur[at..at + values.len()].copy_from_slice(values);
     }
 
     /// The current iterate's owned values (`owned × width`) and the kernel's private state: what

@@ -57,10 +57,24 @@ pub async fn peer_propose(
     peer::propose(shared, cmd, within).await.map_err(|e| e.to_string())
 }
 
+/// Makes glibc serve every allocation of 1 MiB or more with its own mapping, returned to the OS
+/// when freed. By default glibc raises that threshold after each large free (up to 32 MiB), and
+/// an agent's many short-lived megabyte buffers (halo pieces, received frames) then come from
+/// per-thread arenas whose freed memory stays resident: measured here, an APPNP owner's peak RSS
+/// grew by ~150 MB that way.
+fn return_large_frees_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called once, before the agent's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// Runs the agent until SIGTERM/SIGINT (exit 0) or a fatal error.
 pub fn main(args: AgentArgs) -> Result<()> {
     let cfg = args.resolve()?;
     init_logging(cfg.log_format);
+    return_large_frees_to_the_os();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

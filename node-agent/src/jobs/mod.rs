@@ -13,9 +13,11 @@
 //!   master assembles in vertex order. A partition whose owner is the master's own node runs in
 //!   the same process over channels: no stream, no copy of the partition.
 //! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async
-//!   thread), sends each reader exactly the halo values it needs on a `STREAM_KIND_HALO_EXCHANGE`
-//!   stream (one long-lived stream per reader and epoch, one frame per superstep), and reports
-//!   its partials to the master.
+//!   thread) and reports its partials to the master. On `Go(s + 1)` — every owner has computed
+//!   `s` — it first exchanges iterate `s`'s halos: it sends each reader exactly the values it
+//!   needs on a `STREAM_KIND_HALO_EXCHANGE` stream (one long-lived stream per reader and epoch),
+//!   packed and sent in pieces of [`DEFAULT_HALO_PIECE_VALUES`], while it unpacks the pieces it
+//!   receives straight into its halo slots; then it computes `s + 1`.
 //!
 //! Because every owner runs the same [`PartitionState`](quiver_compute::kernels::superstep::PartitionState)
 //! steps as the single-process run and the master combines partials in exact arithmetic, the
@@ -25,9 +27,11 @@
 //!
 //! - Everything is keyed by `(job, epoch)`: halo frames and job streams of another epoch never
 //!   reach a running owner (their mailbox is a different one, dropped with [`JobRuntime::drop_job`]).
-//! - Halo buffering is bounded by the protocol: an owner sends iterate `s` only after the master's
-//!   `Go(s)`, which needs every owner's partials of `s − 1`, so at most two iterates per source are
-//!   ever queued; frames beyond that are refused.
+//! - Halo memory is bounded by the protocol: an owner sends iterate `s` only after the master's
+//!   `Go(s + 1)`, when every reader has finished reading iterate `s − 1`'s halo slots, so pieces
+//!   are unpacked into place as they arrive and no whole halo is ever buffered on either side
+//!   (a sender keeps at most a few pieces per reader queued). A piece out of order, of another
+//!   superstep or too long is refused.
 //! - Every array index a kernel uses on a received partition is checked first ([`wire`]).
 
 pub mod master;
@@ -56,11 +60,13 @@ pub struct JobKey {
     pub epoch: u64,
 }
 
-/// Halo values of one superstep from one owner partition.
+/// A piece of one owner partition's halo values of one superstep: `values` start `first`
+/// values into the owner's packed buffer for the reader.
 #[derive(Debug)]
 pub struct Halo {
     pub from: u32,
     pub superstep: u64,
+    pub first: u64,
     pub values: Segment<f32>,
 }
 
@@ -76,6 +82,10 @@ impl Mailbox {
     }
 }
 
+/// Values per halo frame by default (4 MiB of `f32`): a halo travels in pieces of this size, so
+/// neither side ever holds a whole packed halo.
+pub const DEFAULT_HALO_PIECE_VALUES: usize = 1 << 20;
+
 /// The node's executor state: halo mailboxes, running owners, the transport and the workers.
 pub struct JobRuntime {
     transport: Transport,
@@ -86,6 +96,7 @@ pub struct JobRuntime {
     active: std::sync::atomic::AtomicUsize,
     /// The current epoch of each job, as the replicated state says: anything older is refused.
     epochs: DashMap<u64, u64>,
+    halo_piece_values: std::sync::atomic::AtomicUsize,
 }
 
 /// Counts an owner task while it lives (also when it is aborted mid-await).
@@ -119,7 +130,18 @@ impl JobRuntime {
             owners: DashMap::new(),
             active: std::sync::atomic::AtomicUsize::new(0),
             epochs: DashMap::new(),
+            halo_piece_values: std::sync::atomic::AtomicUsize::new(DEFAULT_HALO_PIECE_VALUES),
         })
+    }
+
+    /// Values per halo frame (at least one row's worth is always sent). Default
+    /// [`DEFAULT_HALO_PIECE_VALUES`]; tests make it small to cut halos into many pieces.
+    pub fn set_halo_piece_values(&self, values: usize) {
+        self.halo_piece_values.store(values, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub(crate) fn halo_piece_values(&self) -> usize {
+        self.halo_piece_values.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// This node.
@@ -225,12 +247,12 @@ impl JobRuntime {
             let checked = match &frame.header.meta {
                 Some(frame_header::Meta::Halo(m)) if m.to_partition == to && frame.segment_count() == 1 => frame
                     .segment::<f32>(0)
-                    .map(|values| (m.from_partition, m.superstep, values))
+                    .map(|values| (m.from_partition, m.superstep, m.first_value, values))
                     .map_err(|e| e.to_string()),
                 _ => Err(format!("a halo frame for partition {to} must carry halo metadata for it and one segment")),
             };
             match checked {
-                Ok((from, superstep, values)) => self.deliver(key, to, Halo { from, superstep, values }),
+                Ok((from, superstep, first, values)) => self.deliver(key, to, Halo { from, superstep, first, values }),
                 Err(reason) => {
                     s.recv.reject(ErrorCode::Malformed, &reason);
                     return;
@@ -240,60 +262,102 @@ impl JobRuntime {
     }
 }
 
-/// Sends one owner's halos of one superstep: in memory to partitions on this node, as one frame
-/// on the reader's long-lived halo stream otherwise (opened on first use).
+/// Sends one owner's halos: in memory to partitions on this node; otherwise as frames on the
+/// reader's long-lived halo stream (opened on first use), written by one task per reader that
+/// takes at most [`HALO_QUEUE`] pieces ahead, so a reader that does not read holds its sender
+/// back instead of piling packed values up in memory.
 pub(crate) struct HaloSender {
     rt: Arc<JobRuntime>,
     key: JobKey,
     from: u32,
     owners: Vec<NodeId>,
-    streams: std::collections::HashMap<u32, PeerSendStream>,
+    links: std::collections::HashMap<u32, HaloLink>,
+}
+
+/// Pieces queued per reader beyond the one being written.
+const HALO_QUEUE: usize = 2;
+
+struct HaloLink {
+    tx: mpsc::Sender<(u64, u64, u32, Segment<f32>)>,
+    writer: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl HaloSender {
     pub(crate) fn new(rt: Arc<JobRuntime>, key: JobKey, from: u32, owners: Vec<NodeId>) -> Self {
-        Self { rt, key, from, owners, streams: Default::default() }
+        Self { rt, key, from, owners, links: Default::default() }
     }
 
+    /// Sends one piece of partition `to`'s halo of `superstep` (values starting `first` into the
+    /// packed buffer); returns once it is delivered (local) or queued for the reader's stream.
+    /// Errors are lost links.
     pub(crate) async fn send(
         &mut self,
+        to: u32,
         superstep: u64,
+        first: u64,
         width: u32,
-        halos: Vec<(u32, Segment<f32>)>,
+        values: Segment<f32>,
     ) -> Result<(), String> {
-        let me = self.rt.node();
-        for (to, values) in halos {
-            let node = *self.owners.get(to as usize).ok_or_else(|| format!("no owner for partition {to}"))?;
-            if node == me {
-                self.rt.deliver(self.key, to, Halo { from: self.from, superstep, values });
-                continue;
-            }
-            if !self.streams.contains_key(&to) {
-                let header = StreamHeader {
-                    kind: StreamKind::HaloExchange as i32,
-                    job_id: self.key.job,
-                    epoch: self.key.epoch,
-                    partition: to,
-                    superstep,
-                    ..Default::default()
-                };
-                let conn = self.rt.transport.connection(node).await.map_err(|e| format!("halo to {node}: {e}"))?;
-                let stream = conn.open_uni(header).await.map_err(|e| format!("halo to {node}: {e}"))?;
-                self.streams.insert(to, stream);
-            }
-            let meta = HaloMeta { from_partition: self.from, to_partition: to, superstep, width };
-            let mut frame = OutFrame::new(Some(frame_header::Meta::Halo(meta)));
-            frame.push("halo", &values);
-            let stream = self.streams.get_mut(&to).expect("opened above");
-            stream.send_frame(&frame).await.map_err(|e| format!("halo to {node}: {e}"))?;
-            metrics::counter!("quiver_job_halo_bytes_sent_total").increment(values.as_bytes().len() as u64);
+        let node = *self.owners.get(to as usize).ok_or_else(|| format!("no owner for partition {to}"))?;
+        if node == self.rt.node() {
+            self.rt.deliver(self.key, to, Halo { from: self.from, superstep, first, values });
+            return Ok(());
         }
-        Ok(())
+        if !self.links.contains_key(&to) {
+            let header = StreamHeader {
+                kind: StreamKind::HaloExchange as i32,
+                job_id: self.key.job,
+                epoch: self.key.epoch,
+                partition: to,
+                superstep,
+                ..Default::default()
+            };
+            let conn = self.rt.transport.connection(node).await.map_err(|e| format!("halo to {node}: {e}"))?;
+            let stream = conn.open_uni(header).await.map_err(|e| format!("halo to {node}: {e}"))?;
+            let (tx, rx) = mpsc::channel(HALO_QUEUE);
+            let writer = tokio::spawn(write_halos(stream, rx, self.from, to, node));
+            self.links.insert(to, HaloLink { tx, writer });
+        }
+        let link = self.links.get_mut(&to).expect("opened above");
+        if link.tx.send((superstep, first, width, values)).await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped: its error says why.
+        let link = self.links.remove(&to).expect("present above");
+        Err(match link.writer.await {
+            Ok(Err(e)) => e,
+            Ok(Ok(())) => format!("halo to {node}: the stream closed"),
+            Err(e) => format!("halo to {node}: {e}"),
+        })
     }
 
-    pub(crate) fn finish(&mut self) {
-        for s in self.streams.values_mut() {
-            let _ = s.finish();
-        }
+    /// Values per piece, from the runtime's setting.
+    pub(crate) fn piece_values(&self) -> usize {
+        self.rt.halo_piece_values()
     }
+
+    /// Ends every halo stream once its queued pieces are written.
+    pub(crate) fn finish(&mut self) {
+        self.links.clear();
+    }
+}
+
+/// Writes one reader's halo pieces, in order, on its stream; finishes the stream when the
+/// sender goes away.
+async fn write_halos(
+    mut stream: PeerSendStream,
+    mut rx: mpsc::Receiver<(u64, u64, u32, Segment<f32>)>,
+    from: u32,
+    to: u32,
+    node: NodeId,
+) -> Result<(), String> {
+    while let Some((superstep, first, width, values)) = rx.recv().await {
+        let meta = HaloMeta { from_partition: from, to_partition: to, superstep, width, first_value: first };
+        let mut frame = OutFrame::new(Some(frame_header::Meta::Halo(meta)));
+        frame.push("halo", &values);
+        stream.send_frame(&frame).await.map_err(|e| format!("halo to {node}: {e}"))?;
+        metrics::counter!("quiver_job_halo_bytes_sent_total").increment(values.as_bytes().len() as u64);
+    }
+    let _ = stream.finish();
+    Ok(())
 }

@@ -1,13 +1,12 @@
 //! A partition owner: steps its rows on the workers, exchanges halos, reports partials.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use quiver_compute::Segment;
 use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState};
 use quiver_compute::kernels::{Appnp, Normalization};
-use quiver_compute::partition::{LocalGraph, Mirror};
+use quiver_compute::partition::LocalGraph;
 use quiver_proto::peer::{JobMessage, job_message};
 use tokio::sync::mpsc;
 
@@ -187,9 +186,77 @@ pub(crate) async fn run_owner(
 /// Marks an owner error as a lost link (retryable in a new epoch) inside this module.
 const LOST: &str = "\u{0}lost:";
 
-/// Each reader's packed values of the current iterate.
-fn pack<P>(state: &PartitionState<P>, mirrors: &[Mirror]) -> Vec<(u32, Segment<f32>)> {
-    mirrors.iter().map(|m| (m.reader as u32, state.pack_mirror_segment(m))).collect()
+/// Exchanges the halos of iterate `superstep` (every owner has computed it: the master sent the
+/// next `Go`): packs each reader's mirror values piece by piece on the workers and sends them,
+/// while unpacking the pieces that arrive straight into `state`'s halo slots. Receiving goes on
+/// while a send waits, so two owners sending to each other never wait on each other.
+#[allow(clippy::too_many_arguments)]
+async fn exchange<P: Send + Sync + 'static>(
+    workers: &crate::workers::Workers,
+    numa: usize,
+    part: &Arc<OwnedPart>,
+    state: PartitionState<P>,
+    halos: &mut HaloSender,
+    inbox: &mut Inbox,
+    superstep: u64,
+    width: usize,
+) -> Result<PartitionState<P>, String> {
+    let p = part.index;
+    let mut state = Some(state);
+    inbox.begin(superstep);
+    let rows_per_piece = (halos.piece_values() / width.max(1)).max(1);
+    for (mi, m) in part.mirrors.iter().enumerate() {
+        for start in (0..m.vertices.len()).step_by(rows_per_piece) {
+            let end = (start + rows_per_piece).min(m.vertices.len());
+            let (st, pt) = (state.take().expect("state is back after every task"), part.clone());
+            let (st, piece) = workers
+                .run(numa, move || {
+                    let piece = st.pack_mirror_rows(&pt.mirrors[mi], start..end);
+                    (st, piece)
+                })
+                .await
+                .map_err(|e| format!("partition {p}: {e}"))?;
+            state = Some(st);
+            let send = halos.send(m.reader as u32, superstep, (start * width) as u64, width as u32, piece);
+            tokio::pin!(send);
+            loop {
+                tokio::select! {
+                    sent = &mut send => {
+                        sent.map_err(|e| format!("{LOST}{e}"))?;
+                        break;
+                    }
+                    got = inbox.next(), if !inbox.complete() => {
+                        let st = state.take().expect("state is back after every task");
+                        state = Some(unpack(workers, numa, part, st, got?).await?);
+                    }
+                }
+            }
+        }
+    }
+    let mut st = state.take().expect("state is back after every task");
+    while !inbox.complete() {
+        let got = inbox.next().await?;
+        st = unpack(workers, numa, part, st, got).await?;
+    }
+    Ok(st)
+}
+
+/// Copies one received halo piece into its slots, on the workers.
+async fn unpack<P: Send + Sync + 'static>(
+    workers: &crate::workers::Workers,
+    numa: usize,
+    part: &Arc<OwnedPart>,
+    mut state: PartitionState<P>,
+    (source, first, values): (usize, usize, Segment<f32>),
+) -> Result<PartitionState<P>, String> {
+    let pt = part.clone();
+    workers
+        .run(numa, move || {
+            state.unpack_halo_at(&pt.halo_sources[source], first, &values);
+            state
+        })
+        .await
+        .map_err(|e| format!("partition {}: {e}", part.index))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -221,7 +288,7 @@ where
     // combined partials, so the owner only acknowledges with empty ones.
     let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
     let first = resume.as_ref().map_or(0, |(step, _)| *step);
-    let (mut state, init, out) = workers
+    let (mut state, init) = workers
         .run(numa, move || {
             let (state, init) = match resume {
                 None => PartitionState::new(&*k, &pt.graph),
@@ -231,41 +298,37 @@ where
                     (state, Partials::default())
                 }
             };
-            let out = pack(&state, &pt.mirrors);
-            Ok::<_, String>((state, init, out))
+            Ok::<_, String>((state, init))
         })
         .await
         .map_err(|e| format!("partition {p}: {e}"))??;
     let secs = t.elapsed().as_secs_f64();
-    halos.send(u64::from(first), width as u32, out).await.map_err(|e| format!("{LOST}{e}"))?;
     tx.send((p, ToMaster::Partials { step: first, partials: init, compute_seconds: secs }))
         .map_err(|_| "master gone".to_string())?;
 
     loop {
         match rx.recv().await {
             Some(ToOwner::Go { step, mass, checkpoint }) => {
-                let incoming = inbox.collect(u64::from(step) - 1).await?;
+                // Every owner has computed `step - 1` (the master saw all their partials):
+                // their halo values now land directly in the slots this step reads.
+                state =
+                    exchange(&workers, numa, &part, state, &mut halos, &mut inbox, u64::from(step) - 1, width).await?;
                 let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
-                let (next, partials, out, snapshot) = workers
+                let (next, partials, snapshot) = workers
                     .run(numa, move || {
                         let mut state = state;
-                        for (source, values) in incoming {
-                            state.unpack_halo(&pt.halo_sources[source], &values);
-                        }
                         let partials = state.step(&*k, &pt.graph, &Globals { mass, step });
-                        let out = pack(&state, &pt.mirrors);
                         let snapshot = checkpoint.then(|| {
                             let (values, aux) = state.snapshot();
                             Snapshot { values: Segment::from_slice(values), aux: Segment::from_slice(aux) }
                         });
-                        (state, partials, out, snapshot)
+                        (state, partials, snapshot)
                     })
                     .await
                     .map_err(|e| format!("partition {p}, superstep {step}: {e}"))?;
                 state = next;
                 let secs = t.elapsed().as_secs_f64();
                 metrics::histogram!("quiver_job_superstep_seconds").record(secs);
-                halos.send(u64::from(step), width as u32, out).await.map_err(|e| format!("{LOST}{e}"))?;
                 tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
                     .map_err(|_| "master gone".to_string())?;
                 if let Some(snapshot) = snapshot {
@@ -287,54 +350,68 @@ where
     }
 }
 
-/// Collects each halo source's values for one superstep from the partition's mailbox, checking
-/// sender, length and superstep before anything is unpacked.
+/// Takes the halo pieces of one superstep from the partition's mailbox, checking sender,
+/// superstep, order and length before anything is unpacked.
 struct Inbox {
     rx: mpsc::UnboundedReceiver<super::Halo>,
     /// (owner partition, values expected) per halo source, in source order.
     sources: Vec<(u32, usize)>,
-    pending: BTreeMap<(u64, u32), Segment<f32>>,
+    /// Values received so far per source, in the current superstep.
+    got: Vec<usize>,
+    superstep: u64,
 }
 
 impl Inbox {
     fn new(rx: mpsc::UnboundedReceiver<super::Halo>, part: &OwnedPart, width: usize) -> Self {
-        let sources = part
+        let sources: Vec<(u32, usize)> = part
             .halo_sources
             .iter()
             .map(|s| (s.owner as u32, (s.slots.end - s.slots.start) as usize * width))
             .collect();
-        Self { rx, sources, pending: BTreeMap::new() }
+        let got = vec![0; sources.len()];
+        Self { rx, sources, got, superstep: 0 }
     }
 
-    async fn collect(&mut self, superstep: u64) -> Result<Vec<(usize, Segment<f32>)>, String> {
+    /// Starts collecting iterate `superstep`.
+    fn begin(&mut self, superstep: u64) {
+        self.superstep = superstep;
+        self.got.fill(0);
+    }
+
+    /// Whether every source's values of the current superstep are in.
+    fn complete(&self) -> bool {
+        self.sources.iter().zip(&self.got).all(|((_, want), got)| got == want)
+    }
+
+    /// The next piece of the current superstep: (source index, first value, values). Pieces of
+    /// an older superstep (a retried epoch's leftovers) are skipped; anything else out of place
+    /// is an error naming the sender.
+    async fn next(&mut self) -> Result<(usize, usize, Segment<f32>), String> {
         loop {
-            if self.sources.iter().all(|(o, _)| self.pending.contains_key(&(superstep, *o))) {
-                let mut out = Vec::with_capacity(self.sources.len());
-                for (i, (o, _)) in self.sources.iter().enumerate() {
-                    out.push((i, self.pending.remove(&(superstep, *o)).expect("checked above")));
-                }
-                return Ok(out);
-            }
             let h = self.rx.recv().await.ok_or("the job was dropped on this node")?;
-            let Some(&(_, want)) = self.sources.iter().find(|(o, _)| *o == h.from) else {
-                return Err(format!("a halo came from partition {}, which this partition does not read", h.from));
-            };
-            if h.values.len() != want {
-                return Err(format!(
-                    "the halo from partition {} has {} values, expected {want}",
-                    h.from,
-                    h.values.len()
-                ));
-            }
-            if h.superstep < superstep {
+            if h.superstep < self.superstep {
                 continue;
             }
-            if h.superstep > superstep + 1 {
-                return Err(format!("a halo for superstep {} arrived while at superstep {superstep}", h.superstep));
+            let Some(i) = self.sources.iter().position(|(o, _)| *o == h.from) else {
+                return Err(format!("a halo came from partition {}, which this partition does not read", h.from));
+            };
+            if h.superstep > self.superstep {
+                return Err(format!(
+                    "partition {} sent superstep {} while the exchange is at {}",
+                    h.from, h.superstep, self.superstep
+                ));
             }
-            if self.pending.insert((h.superstep, h.from), h.values).is_some() {
-                return Err(format!("partition {} sent superstep {} twice", h.from, h.superstep));
+            let (want, got) = (self.sources[i].1, self.got[i]);
+            if h.first != got as u64 || got + h.values.len() > want {
+                return Err(format!(
+                    "the halo piece from partition {} covers values {}..{} of {want}, expected the next from {got}",
+                    h.from,
+                    h.first,
+                    h.first.saturating_add(h.values.len() as u64)
+                ));
             }
+            self.got[i] += h.values.len();
+            return Ok((i, got, h.values));
         }
     }
 }
