@@ -146,6 +146,8 @@ pub enum Storage {
     Heap(AlignedBytes),
     /// A read-only memory map of a file.
     Mapped(memmap2::Mmap),
+    /// `f32` values moved in from a vector without a copy (a kernel's buffer handed over).
+    Floats(Vec<f32>),
 }
 
 impl Storage {
@@ -153,6 +155,8 @@ impl Storage {
         match self {
             Storage::Heap(b) => b.as_slice(),
             Storage::Mapped(m) => m,
+            // SAFETY: any initialised f32 is 4 initialised bytes; u8 has no alignment needs.
+            Storage::Floats(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(&v[..])) },
         }
     }
 }
@@ -162,6 +166,7 @@ impl fmt::Debug for Storage {
         match self {
             Storage::Heap(b) => write!(f, "Heap({} bytes)", b.len()),
             Storage::Mapped(m) => write!(f, "Mapped({} bytes)", m.len()),
+            Storage::Floats(v) => write!(f, "Floats({} values)", v.len()),
         }
     }
 }
@@ -248,6 +253,14 @@ impl<T: Pod> Segment<T> {
     /// The segment's bytes, little-endian, exactly as stored.
     pub fn as_bytes(&self) -> &[u8] {
         &self.storage.bytes()[self.offset..self.offset + self.len * std::mem::size_of::<T>()]
+    }
+}
+
+impl Segment<f32> {
+    /// Takes a vector's values as a segment without copying them.
+    pub fn from_floats(values: Vec<f32>) -> Self {
+        let count = values.len();
+        Self::view(Arc::new(Storage::Floats(values)), 0, count).expect("a vector is aligned for its own type")
     }
 }
 

@@ -243,6 +243,10 @@ impl<P> PartitionState<P> {
     /// every [`HaloSource`] has been unpacked).
     pub fn step<K: Kernel<Prepared = P>>(&mut self, kernel: &K, g: &LocalGraph, globals: &Globals) -> Partials {
         let w = self.width;
+        if self.next.is_empty() && self.owned > 0 {
+            // Handed to a snapshot by `take_owned_values`.
+            self.next = huge_zeroed(self.owned * w);
+        }
         let partials = kernel.step(
             g,
             &self.prep,
@@ -311,6 +315,18 @@ impl<P> PartitionState<P> {
     /// a checkpoint stores, together with the iterate's combined [`Partials`].
     pub fn snapshot(&self) -> (&[f32], &[f32]) {
         (&self.cur[..self.owned * self.width], &self.aux)
+    }
+
+    /// The current iterate's owned values (`owned × width`) as a vector of their own, for a
+    /// checkpoint. With a halo the step has just copied them from `next`, which is handed over
+    /// without a copy (the next step allocates a fresh one); without one they are copied.
+    pub fn take_owned_values(&mut self) -> Vec<f32> {
+        let n = self.owned * self.width;
+        if self.cur.len() != self.next.len() && self.next.len() == n {
+            std::mem::take(&mut self.next)
+        } else {
+            self.cur[..n].to_vec()
+        }
     }
 
     /// Rebuilds a partition's state from a [`PartitionState::snapshot`] taken with the same
@@ -485,23 +501,28 @@ mod tests {
         }
         exchange(&parts, &mut states);
         let partials = steps(&kernel, &parts, &mut states, partials, 0, 3);
+        // Values taken for a checkpoint (a buffer handed over, not copied) are the snapshot's.
         let mut restored: Vec<_> = parts
             .parts
             .iter()
-            .zip(&states)
+            .zip(states.iter_mut())
             .map(|(p, s)| {
-                let (values, aux) = s.snapshot();
-                PartitionState::restore(&kernel, &p.graph, values, aux).unwrap()
+                let values = s.take_owned_values();
+                assert_eq!(values, s.snapshot().0);
+                let aux = s.snapshot().1.to_vec();
+                PartitionState::restore(&kernel, &p.graph, &values, &aux).unwrap()
             })
             .collect();
-        drop(states);
         exchange(&parts, &mut restored);
         steps(&kernel, &parts, &mut restored, partials, 3, 7);
-        let resumed: Vec<f32> = restored.into_iter().flat_map(|s| s.into_result(&kernel)).collect();
-        assert_eq!(
-            resumed.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
-            straight.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        );
+        // The states the values were taken from step on just as well.
+        steps(&kernel, &parts, &mut states, partials, 3, 7);
+        let bits = |s: Vec<PartitionState<_>>| -> Vec<u32> {
+            s.into_iter().flat_map(|s| s.into_result(&kernel)).map(f32::to_bits).collect()
+        };
+        let want: Vec<u32> = straight.iter().map(|x| x.to_bits()).collect();
+        assert_eq!(bits(restored), want);
+        assert_eq!(bits(states), want);
         let p0 = &parts.parts[0].graph;
         let err = PartitionState::restore(&kernel, p0, &[1.0], &[]).unwrap_err();
         assert_eq!(err.want_values, p0.owned());

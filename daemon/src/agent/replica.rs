@@ -3,10 +3,12 @@
 //! job's first checkpoint (not on the submit's path) and the new holder is recorded in Raft once
 //! its copy is stored; checkpoints go to every holder recorded when they are taken.
 //!
-//! A copy travels on a `STREAM_KIND_REPLICA` stream as one zero-copy frame (`ReplicaMeta`: the
-//! file's place under the receiver's data directory and its SHA-256; one segment: its bytes).
-//! The receiver checks the name and the digest, writes `NAME.part`, syncs it and renames it into
-//! place, then answers `ErrorReply { code: 0 }`; any refusal names the file and the reason. Graphs
+//! A copy travels on a `STREAM_KIND_REPLICA` stream as zero-copy frames of consecutive 8 MiB
+//! pieces (`ReplicaMeta`: the file's place under the receiver's data directory, its SHA-256,
+//! the piece's offset and the file's length; one segment: the piece), so neither end holds the
+//! file in memory. The receiver checks the name, appends each piece in order to `NAME.N.part`
+//! while hashing, checks the digest, syncs, renames it into place, then answers
+//! `ErrorReply { code: 0 }`; any refusal names the file and the reason. Graphs
 //! are content-addressed (`blobs/<sha256 hex>`, where uploads land too), so a copy of a graph is
 //! the same file at the same place on every holder; checkpoints keep the layout the master
 //! writes locally (`checkpoints/<job>/<superstep>/<file>`).
@@ -22,7 +24,6 @@ use quiver_proto::peer::{ErrorReply, ReplicaMeta, StreamHeader, StreamKind, fram
 
 use super::Shared;
 use super::jobs::JobFiles;
-use crate::run::sha256;
 
 /// How long one copy may take before the sender gives up on that holder: 2 s plus the time to
 /// move its bytes at 50 MB/s (a node killed a moment ago still looks alive for about a second, and
@@ -61,22 +62,43 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Bytes per frame of a copy: a file travels in pieces, so neither end holds it in memory.
+const PIECE_BYTES: u64 = 8 << 20;
+
+/// Largest file a peer may send (a sanity bound on `ReplicaMeta.total`).
+const MAX_REPLICA_BYTES: u64 = 1 << 40;
+
 /// Copies the file at `path` to `to`, stored there as `name`; returns once `to` has it on disk.
+/// The file is hashed first (through a memory map), then sent in pieces of [`PIECE_BYTES`].
 pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<()> {
     check_name(name).map_err(anyhow::Error::msg)?;
-    let bytes = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
-    let digest = sha256(&bytes);
-    let within = push_within(bytes.len());
-    let segment = Segment::<u8>::from_slice(&bytes);
-    drop(bytes);
+    let owned = path.to_path_buf();
+    let digest =
+        tokio::task::spawn_blocking(move || crate::run::sha256_file(&owned)).await?.map_err(anyhow::Error::msg)?;
+    let total = tokio::fs::metadata(path).await.with_context(|| format!("reading {}", path.display()))?.len();
+    let within = push_within(total as usize);
     let send = async {
         let header = StreamHeader { kind: StreamKind::Replica as i32, ..Default::default() };
         let conn = shared.transport.connection(NodeId(to)).await?;
         let (mut send, mut recv) = conn.open_bi(header).await?;
-        let meta = ReplicaMeta { name: name.to_string(), sha256: digest.to_vec() };
-        let mut frame = OutFrame::new(Some(frame_header::Meta::Replica(meta)));
-        frame.push("file", &segment).set_last(true);
-        send.send_frame(&frame).await?;
+        let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+        for offset in (0..total).step_by(PIECE_BYTES as usize) {
+            let len = PIECE_BYTES.min(total - offset) as usize;
+            let (back, piece) = tokio::task::spawn_blocking(move || {
+                let mut failed = None;
+                let piece = Segment::<u8>::build(len, |buf: &mut [u8]| {
+                    failed = std::io::Read::read_exact(&mut file, buf).err();
+                });
+                failed.map_or(Ok((file, piece)), Err)
+            })
+            .await?
+            .with_context(|| format!("reading {}", path.display()))?;
+            file = back;
+            let meta = ReplicaMeta { name: name.to_string(), sha256: digest.to_vec(), offset, total };
+            let mut frame = OutFrame::new(Some(frame_header::Meta::Replica(meta)));
+            frame.push("file", &piece).set_last(offset + len as u64 == total);
+            send.send_frame(&frame).await?;
+        }
         let _ = send.finish();
         let reply: Option<ErrorReply> = recv.recv_message().await?;
         match reply {
@@ -228,39 +250,97 @@ pub async fn handle_stream(shared: Shared, mut s: InboundStream) {
 }
 
 async fn receive(shared: &Shared, s: &mut InboundStream) -> Result<String, String> {
-    let frame = s
-        .recv
-        .recv_frame()
-        .await
-        .map_err(|e| format!("receiving the file: {e}"))?
-        .ok_or("the stream ended before the file")?;
-    let Some(frame_header::Meta::Replica(meta)) = frame.header.meta.clone() else {
-        return Err("the frame carries no ReplicaMeta".into());
-    };
-    check_name(&meta.name)?;
-    if frame.segment_count() != 1 {
-        return Err(format!("{}: {} segments, expected one (the file)", meta.name, frame.segment_count()));
+    let mut file: Option<(PathBuf, tokio::fs::File)> = None;
+    let result = receive_into(shared, s, &mut file).await;
+    if result.is_err()
+        && let Some((tmp, f)) = file.take()
+    {
+        drop(f);
+        let _ = tokio::fs::remove_file(&tmp).await;
     }
-    let bytes = frame.segment::<u8>(0).map_err(|e| format!("{}: {e}", meta.name))?;
-    let digest = sha256(bytes.as_bytes());
-    if meta.sha256 != digest {
+    result
+}
+
+/// Receives a file's pieces in order into a temporary file (`file`, so the caller can remove it
+/// on error), hashing as they come; keeps it under its name once whole and its SHA-256 matches.
+async fn receive_into(
+    shared: &Shared,
+    s: &mut InboundStream,
+    file: &mut Option<(PathBuf, tokio::fs::File)>,
+) -> Result<String, String> {
+    use tokio::io::AsyncWriteExt;
+    let mut first: Option<ReplicaMeta> = None;
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut written = 0u64;
+    loop {
+        let frame = s
+            .recv
+            .recv_frame()
+            .await
+            .map_err(|e| format!("receiving the file: {e}"))?
+            .ok_or("the stream ended before the whole file")?;
+        let Some(frame_header::Meta::Replica(meta)) = frame.header.meta.clone() else {
+            return Err("the frame carries no ReplicaMeta".into());
+        };
+        let name = meta.name.clone();
+        match &first {
+            None => {
+                check_name(&name)?;
+                if meta.total > MAX_REPLICA_BYTES {
+                    return Err(format!("{name}: {} bytes is more than {MAX_REPLICA_BYTES}", meta.total));
+                }
+                if let Some(hex) = name.strip_prefix("blobs/")
+                    && crate::run::hex(&meta.sha256) != hex
+                {
+                    return Err(format!("{name}: a graph blob must be named by its SHA-256"));
+                }
+                let tmp = temp_path(&shared.data_dir.join(&name));
+                if let Some(dir) = tmp.parent() {
+                    tokio::fs::create_dir_all(dir).await.map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                let f = tokio::fs::File::create(&tmp).await.map_err(|e| format!("{}: {e}", tmp.display()))?;
+                *file = Some((tmp, f));
+                first = Some(meta.clone());
+            }
+            Some(f) if f.name != name || f.sha256 != meta.sha256 || f.total != meta.total => {
+                return Err(format!("{name}: a piece of another file ({}) arrived on the same stream", f.name));
+            }
+            Some(_) => {}
+        }
+        if frame.segment_count() != 1 {
+            return Err(format!("{name}: {} segments, expected one (a piece of the file)", frame.segment_count()));
+        }
+        let bytes = frame.segment::<u8>(0).map_err(|e| format!("{name}: {e}"))?;
+        let end = meta.offset.checked_add(bytes.len() as u64).filter(|&e| e <= meta.total);
+        if meta.offset != written || end.is_none() {
+            return Err(format!(
+                "{name}: a piece at byte {} of {} bytes, expected the next from byte {written} of {}",
+                meta.offset,
+                bytes.len(),
+                meta.total
+            ));
+        }
+        digest.update(bytes.as_bytes());
+        let (tmp, f) = file.as_mut().expect("created with the first piece");
+        f.write_all(bytes.as_bytes()).await.map_err(|e| format!("{}: {e}", tmp.display()))?;
+        written += bytes.len() as u64;
+        if written == meta.total {
+            break;
+        }
+    }
+    let meta = first.expect("at least one piece arrived");
+    if digest.finish().as_ref() != meta.sha256.as_slice() {
         return Err(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name));
     }
-    if let Some(hex) = meta.name.strip_prefix("blobs/")
-        && crate::run::hex(&digest) != hex
-    {
-        return Err(format!("{}: a graph blob must be named by its SHA-256", meta.name));
-    }
+    let (tmp, mut f) = file.take().expect("created with the first piece");
+    f.flush().await.map_err(|e| format!("{}: {e}", tmp.display()))?;
+    f.sync_all().await.map_err(|e| format!("{}: {e}", tmp.display()))?;
+    drop(f);
     let path = shared.data_dir.join(&meta.name);
-    let name = meta.name.clone();
-    // A graph blob is named by its content: one already stored is this very file.
-    if meta.name.starts_with("blobs/") && path.exists() {
-        return Ok(meta.name);
+    tokio::fs::rename(&tmp, &path).await.map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
     }
-    tokio::task::spawn_blocking(move || write_synced(&path, bytes.as_bytes()))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("{name}: {e}"))?;
     // A complete checkpoint (its meta.json comes last) supersedes the job's older ones.
     if let ["checkpoints", job, step, "meta.json"] = meta.name.split('/').collect::<Vec<_>>().as_slice()
         && let Ok(step) = step.parse::<u32>()
@@ -275,24 +355,14 @@ async fn receive(shared: &Shared, s: &mut InboundStream) -> Result<String, Strin
     Ok(meta.name)
 }
 
-/// Writes `NAME.<unique>.part`, syncs it, renames it to `NAME` and syncs the directory (two
-/// holders may send the same blob at once: each writes its own temporary file).
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// `NAME.<unique>.part` beside `path` (two holders may send the same blob at once: each
+/// writes its own temporary file).
+fn temp_path(path: &Path) -> PathBuf {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
-    std::fs::create_dir_all(&dir)?;
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(format!(".{}.part", NEXT.fetch_add(1, Ordering::Relaxed)));
-    let tmp = PathBuf::from(tmp);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(&dir).and_then(|d| d.sync_all())
+    PathBuf::from(tmp)
 }
 
 /// Files younger than this are never collected: an upload being checked, a copy that arrived

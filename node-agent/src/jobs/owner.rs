@@ -319,8 +319,8 @@ where
                         let mut state = state;
                         let partials = state.step(&*k, &pt.graph, &Globals { mass, step });
                         let snapshot = checkpoint.then(|| {
-                            let (values, aux) = state.snapshot();
-                            Snapshot { values: Segment::from_slice(values), aux: Segment::from_slice(aux) }
+                            let aux = Segment::from_slice(state.snapshot().1);
+                            Snapshot { values: Segment::from_floats(state.take_owned_values()), aux }
                         });
                         (state, partials, snapshot)
                     })
