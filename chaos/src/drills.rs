@@ -191,6 +191,18 @@ const READY: Duration = Duration::from_secs(30);
 const CONVERGE: Duration = Duration::from_secs(30);
 /// A job must finish within this long after its fault.
 const JOB_DEADLINE: Duration = Duration::from_secs(180);
+/// How long a stop or a network partition lasts, from the fault's start: a drill parameter,
+/// not a wait for an event (the drill checks service resumed before this runs out).
+const FAULT_HOLD: Duration = Duration::from_secs(5);
+/// The writer's pace: one control-plane write every so often, retried after a short pause
+/// until some node acknowledges it (a load generator's rate, not a wait for an event).
+const WRITE_EVERY: Duration = Duration::from_millis(40);
+const WRITE_RETRY_AFTER: Duration = Duration::from_millis(10);
+
+/// Keeps a fault in place until [`FAULT_HOLD`] after it began.
+fn hold_fault(fault_at: Instant) {
+    std::thread::sleep(FAULT_HOLD.saturating_sub(fault_at.elapsed()));
+}
 
 fn run_one(opts: &Options, drill: Drill, seed: u64) -> DrillReport {
     let t0 = Instant::now();
@@ -546,8 +558,7 @@ impl Ctx {
                 fault_at = Instant::now();
                 self.c.agents[leader].stop();
                 self.serving(&writer, fault_at)?;
-                let rest = Duration::from_secs(5).saturating_sub(fault_at.elapsed());
-                std::thread::sleep(rest);
+                hold_fault(fault_at);
                 self.c.agents[leader].cont();
             }
             Drill::MinorityPartition | Drill::LeaderIsolated => {
@@ -555,7 +566,7 @@ impl Ctx {
                 fault_at = Instant::now();
                 self.partition(&[cut])?;
                 self.serving(&writer, fault_at)?;
-                std::thread::sleep(Duration::from_secs(5).saturating_sub(fault_at.elapsed()));
+                hold_fault(fault_at);
                 self.heal()?;
             }
             Drill::LossyLinksJob => {
@@ -677,8 +688,9 @@ impl Ctx {
         // applied state, so one that was stalled or cut off may still be catching up: allow it
         // a bounded time, then report the first node that still disagrees.
         let client = self.client;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let (check, listed) = loop {
+        // The disagreement seen last, with a node's full listing if one agreed.
+        let mut last: Option<(Check, Vec<_>)> = None;
+        let agreed = poll("every node to list every acknowledged write once", Duration::from_secs(15), || {
             let mut bad: Option<Check> = None;
             let mut good: Option<(Check, Vec<_>)> = None;
             for i in 0..self.c.agents.len() {
@@ -710,11 +722,18 @@ impl Ctx {
                 }
             }
             match (bad, good) {
-                (Some(_), _) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
-                (Some(b), g) => break (b, g.map(|(_, j)| j).unwrap_or_default()),
-                (None, Some((c, jobs))) => break (c, jobs),
-                (None, None) => bail!("no node to list jobs from"),
+                (Some(b), g) => {
+                    let evidence = b.evidence.clone();
+                    last = Some((b, g.map(|(_, j)| j).unwrap_or_default()));
+                    Err(evidence)
+                }
+                (None, agreed) => Ok(agreed),
             }
+        });
+        let (check, listed) = match agreed {
+            Ok(Some(agreed)) => agreed,
+            Ok(None) => bail!("no node to list jobs from"),
+            Err(_) => last.expect("every timed-out attempt recorded its disagreement"),
         };
         self.checks.push(check);
         if let Some(id) = job {
@@ -796,10 +815,10 @@ impl Writer {
                         g.times.push((issued, Instant::now()));
                         break;
                     }
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(WRITE_RETRY_AFTER);
                 }
                 seq += 1;
-                std::thread::sleep(Duration::from_millis(40));
+                std::thread::sleep(WRITE_EVERY);
             }
         });
         Writer { log, stop, thread: Some(thread) }

@@ -102,13 +102,7 @@ pub fn parse(text: &str) -> Result<ParsedToken, String> {
     let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
     let (purpose, ca_hash) = match parts.as_slice() {
         ["quiver-join", _, _, ca] => {
-            if !hex(ca, 64) {
-                return Err("the CA hash (4th part) must be 64 hex digits".into());
-            }
-            let mut h = [0u8; 32];
-            for (i, b) in h.iter_mut().enumerate() {
-                *b = u8::from_str_radix(&ca[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
-            }
+            let h = crate::run::digest_from_hex(ca).ok_or("the CA hash (4th part) must be 64 hex digits")?;
             (TokenPurpose::Join, Some(h))
         }
         ["quiver-api", _, _] => (TokenPurpose::Api, None),

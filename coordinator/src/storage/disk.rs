@@ -270,7 +270,7 @@ mod tests {
     /// Runs in a child process: a single-node cluster on disk commits `WRITES` commands, then the
     /// process aborts without dropping anything.
     #[test]
-    #[ignore = "the child half of `state_survives_abort`, which runs it in a process it kills: cargo test -p quiver-coordinator state_survives_abort"]
+    #[ignore = "the child half of `state_survives_abort`, which runs it (with --ignored) in a process that aborts: cargo test -p quiver-coordinator state_survives_abort"]
     fn child_commits_then_aborts() {
         let Some(dir) = std::env::var_os(CHILD_DIR) else { return };
         let store = DiskStore::open(&DiskStoreConfig::new(dir)).expect("open");

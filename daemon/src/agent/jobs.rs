@@ -777,14 +777,7 @@ async fn store_checkpoints(
             op: Op::Checkpoint { job, epoch, superstep: u64::from(step) },
         };
         if let Ok(Outcome::Done) = peer::propose(&shared, cmd, PROPOSE_WITHIN).await {
-            let root = shared.data_dir.join("checkpoints").join(job.to_string());
-            if let Ok(entries) = std::fs::read_dir(&root) {
-                for e in entries.flatten() {
-                    if e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|s| s < step) {
-                        let _ = std::fs::remove_dir_all(e.path());
-                    }
-                }
-            }
+            super::replica::remove_checkpoints_before(&shared.data_dir, job, step);
         }
     }
 }
@@ -847,37 +840,15 @@ mod tests {
     use std::collections::HashMap;
     use std::time::{Duration, Instant};
 
-    use quiver_coordinator::state::{JobSpec, MemberInfo};
-    use quiver_coordinator::{ClusterState, Command, Op, RequestId};
+    use quiver_coordinator::{ClusterState, Op};
 
+    use super::super::fixtures::{apply, job_spec, member};
     use super::holders_down;
-
-    fn info(id: u64) -> MemberInfo {
-        MemberInfo {
-            id,
-            peer_addr: format!("127.0.0.1:{}", 7000 + id),
-            control_addr: String::new(),
-            cores: 2,
-            memory_bytes: 1 << 30,
-        }
-    }
-
-    fn apply(s: &mut ClusterState, index: u64, op: Op) {
-        s.apply(index, &Command { request: RequestId { client: 1, seq: index }, op });
-    }
 
     #[test]
     fn a_job_is_unreachable_only_while_every_holder_is_down() {
-        let mut s = ClusterState::bootstrap(&[info(1), info(2), info(3)], &[1, 2, 3]);
-        let spec = JobSpec {
-            name: "pr".into(),
-            kernel: "pagerank".into(),
-            params: vec![],
-            iterations: 10,
-            feature_width: 1,
-            partitions: vec![],
-            holders: vec![2, 3],
-        };
+        let mut s = ClusterState::bootstrap(&[member(1), member(2), member(3)], &[1, 2, 3]);
+        let spec = job_spec(vec![2, 3]);
         apply(&mut s, 4, Op::Submit { spec, graph_digest: [0; 32] });
         let (mut since, t0) = (HashMap::new(), Instant::now());
         assert!(holders_down(&s, &mut since, t0).is_empty());

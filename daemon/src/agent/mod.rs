@@ -22,6 +22,8 @@ pub mod auth;
 pub mod chaos;
 mod event_loop;
 pub mod expect;
+#[cfg(test)]
+mod fixtures;
 pub mod grpc;
 pub mod jobs;
 pub mod names;

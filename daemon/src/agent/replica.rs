@@ -69,12 +69,19 @@ const PIECE_BYTES: u64 = 8 << 20;
 const MAX_REPLICA_BYTES: u64 = 1 << 40;
 
 /// Copies the file at `path` to `to`, stored there as `name`; returns once `to` has it on disk.
-/// The file is hashed first (through a memory map), then sent in pieces of [`PIECE_BYTES`].
+/// Sent in pieces of [`PIECE_BYTES`] with the file's SHA-256, which a blob's name already is (a
+/// file changed since it was named fails the receiver's check); other files are hashed first.
 pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<()> {
     check_name(name).map_err(anyhow::Error::msg)?;
-    let owned = path.to_path_buf();
-    let digest =
-        tokio::task::spawn_blocking(move || crate::run::sha256_file(&owned)).await?.map_err(anyhow::Error::msg)?;
+    // A blob is named by its SHA-256 (the receiver checks the bytes against it); anything else
+    // is hashed here.
+    let digest = match name.strip_prefix("blobs/").and_then(crate::run::digest_from_hex) {
+        Some(d) => d,
+        None => {
+            let owned = path.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::run::sha256_file(&owned)).await?.map_err(anyhow::Error::msg)?
+        }
+    };
     let total = tokio::fs::metadata(path).await.with_context(|| format!("reading {}", path.display()))?.len();
     let within = push_within(total as usize);
     let send = async {
@@ -343,16 +350,21 @@ async fn receive_into(
     }
     // A complete checkpoint (its meta.json comes last) supersedes the job's older ones.
     if let ["checkpoints", job, step, "meta.json"] = meta.name.split('/').collect::<Vec<_>>().as_slice()
-        && let Ok(step) = step.parse::<u32>()
-        && let Ok(entries) = std::fs::read_dir(shared.data_dir.join("checkpoints").join(job))
+        && let (Ok(job), Ok(step)) = (job.parse::<u64>(), step.parse::<u32>())
     {
-        for e in entries.flatten() {
-            if e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|s| s < step) {
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+        remove_checkpoints_before(&shared.data_dir, job, step);
     }
     Ok(meta.name)
+}
+
+/// Removes job `job`'s checkpoints older than superstep `step` from `data_dir` (best effort).
+pub fn remove_checkpoints_before(data_dir: &Path, job: u64, step: u32) {
+    let Ok(entries) = std::fs::read_dir(data_dir.join("checkpoints").join(job.to_string())) else { return };
+    for e in entries.flatten() {
+        if e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|s| s < step) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// `NAME.<unique>.part` beside `path` (two holders may send the same blob at once: each
@@ -446,35 +458,19 @@ mod tests {
     fn garbage_is_what_no_unfinished_job_needs_and_is_old() {
         use std::time::{Duration, SystemTime};
 
-        use quiver_coordinator::state::{JobSpec, MemberInfo};
-        use quiver_coordinator::{ClusterState, Command, Op, RequestId};
+        use quiver_coordinator::{ClusterState, Op};
+
+        use super::super::fixtures::{apply, job_spec, member};
 
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path();
-        let info = MemberInfo {
-            id: 1,
-            peer_addr: "127.0.0.1:7000".into(),
-            control_addr: String::new(),
-            cores: 2,
-            memory_bytes: 1 << 30,
-        };
-        let mut s = ClusterState::bootstrap(&[info], &[1]);
-        let spec = |seq| JobSpec {
-            name: "pr".into(),
-            kernel: "pagerank".into(),
-            params: vec![],
-            iterations: 10,
-            feature_width: 1,
-            partitions: vec![],
-            holders: vec![seq],
-        };
+        let mut s = ClusterState::bootstrap(&[member(1)], &[1]);
         let submit = |s: &mut ClusterState, seq: u64, digest: u8| {
-            let op = Op::Submit { spec: spec(seq), graph_digest: [digest; 32] };
-            s.apply(seq, &Command { request: RequestId { client: 1, seq }, op });
+            apply(s, seq, Op::Submit { spec: job_spec(vec![1]), graph_digest: [digest; 32] });
         };
         submit(&mut s, 1, 0xaa); // job 1: running
         submit(&mut s, 2, 0xbb); // job 2: cancelled below
-        s.apply(3, &Command { request: RequestId { client: 1, seq: 3 }, op: Op::Cancel { job: 2 } });
+        apply(&mut s, 3, Op::Cancel { job: 2 });
         let (running, cancelled) = (*s.jobs.keys().min().unwrap(), *s.jobs.keys().max().unwrap());
         std::fs::create_dir_all(root.join("blobs")).unwrap();
         for name in ["aa".repeat(32), "bb".repeat(32), "upload-1.part".into(), "notes".into()] {

@@ -25,6 +25,22 @@ fn reference(c: &LocalCluster, graph: &str, algo: &[&str]) -> String {
     v["result_digest"].as_str().expect("digest").to_string()
 }
 
+/// A Kronecker graph of `scale` generated from `seed` as `DIR/k.qcsr`; its path.
+fn kronecker(dir: &std::path::Path, scale: &str, seed: &str) -> String {
+    let g = dir.join("k.qcsr").display().to_string();
+    quiver(dir, &["graph", "generate", "kronecker", "--scale", scale, "--seed", seed, "--out", &g]).ok();
+    g
+}
+
+/// `quiver submit ARGS` through node `node` (without waiting); the job's id.
+fn submit_id(c: &LocalCluster, node: usize, args: &[&str]) -> String {
+    let mut all = vec!["submit"];
+    all.extend_from_slice(args);
+    let r = c.cli(node, &all);
+    assert!(r.status.success(), "{}", r.stderr);
+    r.json()["id"].as_u64().unwrap().to_string()
+}
+
 fn submit_wait(c: &LocalCluster, node: usize, args: &[&str]) -> Value {
     let mut all = vec!["submit"];
     all.extend_from_slice(args);
@@ -38,8 +54,7 @@ fn submit_wait(c: &LocalCluster, node: usize, args: &[&str]) -> Value {
 fn distributed_jobs_match_quiver_run_and_bad_input_leaves_the_cluster_serving() {
     let c = formed_cluster();
     let dir = c.dir.path();
-    let g = dir.join("k.qcsr").display().to_string();
-    quiver(dir, &["graph", "generate", "kronecker", "--scale", "10", "--seed", "3", "--out", &g]).ok();
+    let g = kronecker(dir, "10", "3");
     let el = dir.join("k.el").display().to_string();
     quiver(dir, &["graph", "convert", &g, &el]).ok();
 
@@ -129,15 +144,12 @@ fn distributed_jobs_match_quiver_run_and_bad_input_leaves_the_cluster_serving() 
 fn a_job_survives_losing_a_worker_with_the_undisturbed_result() {
     let mut c = formed_cluster();
     let dir = c.dir.path().to_path_buf();
-    let g = dir.join("k.qcsr").display().to_string();
-    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "7", "--out", &g]).ok();
+    let g = kronecker(&dir, "11", "7");
     let algo: &[&str] = &["--algo", "pagerank", "--iterations", "600"];
     let want = reference(&c, &g, algo);
-    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "20"];
+    let mut args = vec![g.as_str(), "--partitions", "3", "--checkpoint-every", "20"];
     args.extend_from_slice(algo);
-    let r = c.cli(0, &args);
-    assert!(r.status.success(), "{}", r.stderr);
-    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let id = submit_id(&c, 0, &args);
     // Wait for a checkpoint to be recorded and the job to be well past it, then kill a worker
     // that is not the job's holder (node 0 took the submit).
     wait_for("the job past its first checkpoints", CONVERGE * 4, || {
@@ -159,15 +171,12 @@ fn a_job_survives_losing_a_worker_with_the_undisturbed_result() {
 fn a_job_survives_its_holder_restarting_from_disk() {
     let mut c = formed_cluster();
     let dir = c.dir.path().to_path_buf();
-    let g = dir.join("k.qcsr").display().to_string();
-    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "8", "--out", &g]).ok();
+    let g = kronecker(&dir, "11", "8");
     let algo: &[&str] = &["--algo", "heat", "--seeds", "3,99", "--t", "5", "--iterations", "500"];
     let want = reference(&c, &g, algo);
-    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "25", "--by-path"];
+    let mut args = vec![g.as_str(), "--partitions", "3", "--checkpoint-every", "25", "--by-path"];
     args.extend_from_slice(algo);
-    let r = c.cli(0, &args);
-    assert!(r.status.success(), "{}", r.stderr);
-    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let id = submit_id(&c, 0, &args);
     wait_for("the job past a checkpoint", CONVERGE * 4, || {
         let v = c.cli(1, &["job", "get", &id]).json();
         if v["superstep"].as_u64().unwrap_or(0) >= 60 || v["state"] != "running" { Ok(()) } else { Err(v.to_string()) }
@@ -189,8 +198,7 @@ fn a_job_survives_its_holder_restarting_from_disk() {
 fn a_job_survives_losing_its_holder_for_good() {
     let mut c = formed_cluster();
     let dir = c.dir.path().to_path_buf();
-    let g = dir.join("k.qcsr").display().to_string();
-    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "9", "--out", &g]).ok();
+    let g = kronecker(&dir, "11", "9");
     // APPNP over a features file named by path: the second holder needs its own copy of that too.
     let feats = dir.join("feats.npy").display().to_string();
     quiver(
@@ -200,11 +208,9 @@ fn a_job_survives_losing_its_holder_for_good() {
     .ok();
     let algo: &[&str] = &["--algo", "appnp", "--features", &feats, "--alpha", "0.1", "--iterations", "500"];
     let want = reference(&c, &g, algo);
-    let mut args = vec!["submit", g.as_str(), "--partitions", "3", "--checkpoint-every", "25"];
+    let mut args = vec![g.as_str(), "--partitions", "3", "--checkpoint-every", "25"];
     args.extend_from_slice(algo);
-    let r = c.cli(0, &args);
-    assert!(r.status.success(), "{}", r.stderr);
-    let id = r.json()["id"].as_u64().unwrap().to_string();
+    let id = submit_id(&c, 0, &args);
     // The second holder is recorded once its copy of the graph and features is stored.
     let job = wait_for("a second holder", CONVERGE, || {
         let job = c.cli(1, &["job", "get", &id]).json();
