@@ -171,7 +171,7 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "{} on {} vertices / {} edges, {} iterations\n  quiver run ({} threads): {run_compute:.3} s ({run_per_iter:.4} s/iteration)\n  \
              {} agents: job {job_seconds:.3} s ({:.2}× quiver run), superstep {per_step:.4} s ({:.2}×)\n  \
-             digest {} {}; agent peak RSS {} MB",
+             digest {} {}; agent peak RSS {} MiB ({} MB)",
             a.algo,
             reference["vertices"],
             reference["edges"],
@@ -182,7 +182,8 @@ pub fn run(a: Args) -> Result<()> {
             per_step / run_per_iter,
             &digest[..16.min(digest.len())],
             if matches { "matches quiver run" } else { "DIFFERS from quiver run" },
-            rss.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join(" / ")
+            rss.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join(" / "),
+            rss.iter().map(|b| (b / 1_000_000).to_string()).collect::<Vec<_>>().join(" / ")
         );
     }
     ensure!(matches, "the distributed result differs from quiver run's");

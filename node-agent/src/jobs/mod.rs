@@ -82,9 +82,9 @@ impl Mailbox {
     }
 }
 
-/// Values per halo frame by default (4 MiB of `f32`): a halo travels in pieces of this size, so
+/// Values per halo frame by default (1 MiB of `f32`): a halo travels in pieces of this size, so
 /// neither side ever holds a whole packed halo.
-pub const DEFAULT_HALO_PIECE_VALUES: usize = 1 << 20;
+pub const DEFAULT_HALO_PIECE_VALUES: usize = 1 << 18;
 
 /// The node's executor state: halo mailboxes, running owners, the transport and the workers.
 pub struct JobRuntime {
