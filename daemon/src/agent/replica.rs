@@ -19,7 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use quiver_compute::Segment;
 use quiver_coordinator::state::{Command, Liveness, Op, Outcome, RequestId};
-use quiver_node_agent::transport::{InboundStream, NodeId, OutFrame};
+use quiver_node_agent::transport::{InboundStream, NodeId, OutFrame, StreamError};
 use quiver_proto::peer::{ErrorReply, ReplicaMeta, StreamHeader, StreamKind, frame_header};
 
 use super::Shared;
@@ -247,7 +247,12 @@ pub async fn handle_stream(shared: Shared, mut s: InboundStream) {
             tracing::debug!(peer = %s.peer, name, "stored a replica file");
             ErrorReply { code: 0, message: String::new() }
         }
-        Err(e) => {
+        Err(Failed::Abandoned(e)) => {
+            // The sender stopped mid-file (its job ended, or it went away): nothing to answer.
+            tracing::debug!(peer = %s.peer, error = %e, "a replica copy was abandoned by its sender");
+            return;
+        }
+        Err(Failed::Refused(e)) => {
             tracing::warn!(peer = %s.peer, error = %e, "refused a replica file");
             ErrorReply { code: 3, message: e.clone() }
         }
@@ -256,7 +261,27 @@ pub async fn handle_stream(shared: Shared, mut s: InboundStream) {
     let _ = send.finish();
 }
 
-async fn receive(shared: &Shared, s: &mut InboundStream) -> Result<String, String> {
+/// Why a replica file was not stored.
+enum Failed {
+    /// The sender ended or reset the stream before the whole file arrived.
+    Abandoned(String),
+    /// The file or its pieces were wrong, or this node could not store it: the sender is told.
+    Refused(String),
+}
+
+impl From<String> for Failed {
+    fn from(e: String) -> Self {
+        Failed::Refused(e)
+    }
+}
+
+impl From<&str> for Failed {
+    fn from(e: &str) -> Self {
+        Failed::Refused(e.to_string())
+    }
+}
+
+async fn receive(shared: &Shared, s: &mut InboundStream) -> Result<String, Failed> {
     let mut file: Option<(PathBuf, tokio::fs::File)> = None;
     let result = receive_into(shared, s, &mut file).await;
     if result.is_err()
@@ -274,18 +299,20 @@ async fn receive_into(
     shared: &Shared,
     s: &mut InboundStream,
     file: &mut Option<(PathBuf, tokio::fs::File)>,
-) -> Result<String, String> {
+) -> Result<String, Failed> {
     use tokio::io::AsyncWriteExt;
     let mut first: Option<ReplicaMeta> = None;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     let mut written = 0u64;
     loop {
-        let frame = s
-            .recv
-            .recv_frame()
-            .await
-            .map_err(|e| format!("receiving the file: {e}"))?
-            .ok_or("the stream ended before the whole file")?;
+        let frame = match s.recv.recv_frame().await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => return Err(Failed::Abandoned("the stream ended before the whole file".into())),
+            Err(e @ (StreamError::Truncated { .. } | StreamError::Read { .. })) => {
+                return Err(Failed::Abandoned(format!("receiving the file: {e}")));
+            }
+            Err(e) => return Err(Failed::Refused(format!("receiving the file: {e}"))),
+        };
         let Some(frame_header::Meta::Replica(meta)) = frame.header.meta.clone() else {
             return Err("the frame carries no ReplicaMeta".into());
         };
@@ -294,12 +321,15 @@ async fn receive_into(
             None => {
                 check_name(&name)?;
                 if meta.total > MAX_REPLICA_BYTES {
-                    return Err(format!("{name}: {} bytes is more than {MAX_REPLICA_BYTES}", meta.total));
+                    return Err(Failed::Refused(format!(
+                        "{name}: {} bytes is more than {MAX_REPLICA_BYTES}",
+                        meta.total
+                    )));
                 }
                 if let Some(hex) = name.strip_prefix("blobs/")
                     && crate::run::hex(&meta.sha256) != hex
                 {
-                    return Err(format!("{name}: a graph blob must be named by its SHA-256"));
+                    return Err(Failed::Refused(format!("{name}: a graph blob must be named by its SHA-256")));
                 }
                 let tmp = temp_path(&shared.data_dir.join(&name));
                 if let Some(dir) = tmp.parent() {
@@ -310,22 +340,28 @@ async fn receive_into(
                 first = Some(meta.clone());
             }
             Some(f) if f.name != name || f.sha256 != meta.sha256 || f.total != meta.total => {
-                return Err(format!("{name}: a piece of another file ({}) arrived on the same stream", f.name));
+                return Err(Failed::Refused(format!(
+                    "{name}: a piece of another file ({}) arrived on the same stream",
+                    f.name
+                )));
             }
             Some(_) => {}
         }
         if frame.segment_count() != 1 {
-            return Err(format!("{name}: {} segments, expected one (a piece of the file)", frame.segment_count()));
+            return Err(Failed::Refused(format!(
+                "{name}: {} segments, expected one (a piece of the file)",
+                frame.segment_count()
+            )));
         }
         let bytes = frame.segment::<u8>(0).map_err(|e| format!("{name}: {e}"))?;
         let end = meta.offset.checked_add(bytes.len() as u64).filter(|&e| e <= meta.total);
         if meta.offset != written || end.is_none() {
-            return Err(format!(
+            return Err(Failed::Refused(format!(
                 "{name}: a piece at byte {} of {} bytes, expected the next from byte {written} of {}",
                 meta.offset,
                 bytes.len(),
                 meta.total
-            ));
+            )));
         }
         digest.update(bytes.as_bytes());
         let (tmp, f) = file.as_mut().expect("created with the first piece");
@@ -337,7 +373,7 @@ async fn receive_into(
     }
     let meta = first.expect("at least one piece arrived");
     if digest.finish().as_ref() != meta.sha256.as_slice() {
-        return Err(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name));
+        return Err(Failed::Refused(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name)));
     }
     let (tmp, mut f) = file.take().expect("created with the first piece");
     f.flush().await.map_err(|e| format!("{}: {e}", tmp.display()))?;
