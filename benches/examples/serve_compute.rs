@@ -19,7 +19,7 @@ fn main() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        ((x >> 32) * u64::from(n) >> 32) as u32
+        (((x >> 32) * u64::from(n)) >> 32) as u32
     };
     let sources: Vec<u32> = (0..m).map(|_| next()).collect();
     let targets: Vec<u32> = (0..m).map(|_| next()).collect();
