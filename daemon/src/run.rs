@@ -227,8 +227,13 @@ pub fn digest(values: &[f32]) -> String {
 
 /// The SHA-256 of a result vector's little-endian bytes (what [`digest`] prints).
 pub fn digest_bytes(values: &[f32]) -> [u8; 32] {
+    digest_parts(&[values])
+}
+
+/// [`digest_bytes`] of the concatenation of `parts`, without assembling it.
+pub fn digest_parts(parts: &[&[f32]]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for chunk in values.chunks(1 << 16) {
+    for chunk in parts.iter().flat_map(|p| p.chunks(1 << 16)) {
         let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
         ctx.update(&bytes);
     }

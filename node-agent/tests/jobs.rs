@@ -78,7 +78,7 @@ async fn distributed(nodes: &[Node], g: &Arc<Csr>, params: &Params<'_>, owners: 
     let mj = master_job(g, params, job, 1, owners);
     let (out, _, steps) = run_to_end(&nodes[0].rt, &mj, false).await;
     assert_eq!(steps, out.iterations);
-    out.values
+    out.to_vec()
 }
 
 /// The job of `params` on `g` at (`job`, `epoch`), partition `i` owned by node `owners[i]`, no
@@ -232,7 +232,7 @@ async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical
         let mut base = master_job(&g, params, 100 + job as u64, 1, &[1, 2, 3]);
         base.checkpoint_every = Some(3);
         let (out, taken, _) = run_to_end(&nodes[0].rt, &base, true).await;
-        assert_eq!(bits(&out.values), bits(&reference));
+        assert_eq!(bits(&out.to_vec()), bits(&reference));
         let every_third: Vec<u32> = (3..=params.stop.max_iterations).step_by(3).collect();
         assert_eq!(taken.iter().map(|c| c.step).collect::<Vec<_>>(), every_third);
         for (i, c) in taken.into_iter().enumerate() {
@@ -241,7 +241,7 @@ async fn a_run_resumed_from_any_checkpoint_on_another_placement_is_bit_identical
             resumed.owners = vec![NodeId(2), NodeId(2), NodeId(1)];
             resumed.resume = Some(c);
             let (out, _, _) = run_to_end(&nodes[0].rt, &resumed, false).await;
-            assert_eq!(bits(&out.values), bits(&reference), "{} resumed (checkpoint {i})", params.algorithm.name());
+            assert_eq!(bits(&out.to_vec()), bits(&reference), "{} resumed (checkpoint {i})", params.algorithm.name());
             assert_eq!(out.iterations, params.stop.max_iterations);
         }
     }
@@ -264,5 +264,5 @@ async fn an_older_epoch_is_refused() {
     let mut current = mj;
     current.key.epoch = 4;
     let (out, _, _) = run_to_end(&nodes[0].rt, &current, false).await;
-    assert_eq!(bits(&out.values), bits(&kernels::run(&g, &params, 1).unwrap().values));
+    assert_eq!(bits(&out.to_vec()), bits(&kernels::run(&g, &params, 1).unwrap().values));
 }

@@ -55,7 +55,7 @@ pub mod npy;
 pub mod qcsr;
 mod text;
 
-pub use npy::{NpyArray, NpyElement, read_npy, write_npy};
+pub use npy::{NpyArray, NpyElement, read_npy, write_npy, write_npy_parts};
 
 impl Format {
     /// Guesses the format of a file from its first bytes: the `.qcsr` magic, a Matrix Market

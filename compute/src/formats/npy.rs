@@ -66,6 +66,16 @@ fn npy_err(path: &Path, reason: impl Into<String>) -> LoadError {
 
 /// Writes `data` with the given shape (one or two dimensions, row-major).
 pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> Result<(), LoadError> {
+    write_npy_parts(path, shape, &[data])
+}
+
+/// Writes the concatenation of `parts` with the given shape, without assembling it in memory
+/// (a distributed job's result arrives as one piece per partition).
+pub fn write_npy_parts<T: NpyElement>(
+    path: impl AsRef<Path>,
+    shape: &[usize],
+    parts: &[&[T]],
+) -> Result<(), LoadError> {
     let path = path.as_ref();
     if cfg!(target_endian = "big") {
         return Err(npy_err(path, "writing .npy needs a little-endian host"));
@@ -73,14 +83,19 @@ pub fn write_npy<T: NpyElement>(path: impl AsRef<Path>, shape: &[usize], data: &
     if !(1..=2).contains(&shape.len()) {
         return Err(npy_err(path, format!("shape {shape:?} has {} dimensions; expected 1 or 2", shape.len())));
     }
-    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(data.len()) {
-        return Err(npy_err(path, format!("shape {shape:?} does not hold {} values", data.len())));
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(len) {
+        return Err(npy_err(path, format!("shape {shape:?} does not hold {len} values")));
     }
-    write_atomically(path, |w| write_npy_to(w, shape, data))
+    write_atomically(path, |w| write_npy_parts_to(w, shape, parts))
 }
 
 /// Writes a `.npy` image to any writer (the shape must hold exactly `data.len()` values).
 pub fn write_npy_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], data: &[T]) -> std::io::Result<()> {
+    write_npy_parts_to(w, shape, &[data])
+}
+
+fn write_npy_parts_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], parts: &[&[T]]) -> std::io::Result<()> {
     let dims = match shape {
         [n] => format!("({n},)"),
         _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
@@ -101,7 +116,7 @@ pub fn write_npy_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], data: &[
     w.write_all(dict.as_bytes())?;
     // Values are copied to little-endian bytes through a small aligned buffer at a time, so
     // writing a large feature matrix never holds a second copy of it.
-    for chunk in data.chunks(1 << 16) {
+    for chunk in parts.iter().flat_map(|p| p.chunks(1 << 16)) {
         w.write_all(Segment::from_slice(chunk).as_bytes())?;
     }
     Ok(())

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message as _;
-use quiver_compute::formats::{read_npy, write_npy};
+use quiver_compute::formats::{read_npy, write_npy, write_npy_parts};
 use quiver_compute::kernels::superstep::{ExactSum, Partials};
 use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
 use quiver_compute::{Csr, Format, ReadOptions, Segment, generate, read_graph_as};
@@ -222,7 +222,7 @@ pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, 
             if p.width == 0 {
                 return Err(("params.width", "appnp needs a feature width of at least 1".into()));
             }
-            generate::features(n, p.width as usize, p.feature_seed)
+            Segment::from_floats(generate::features(n, p.width as usize, p.feature_seed))
         } else {
             let a =
                 read_npy::<f32>(Path::new(&p.features_path)).map_err(|e| ("params.features_path", e.to_string()))?;
@@ -241,10 +241,11 @@ pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, 
                     format!("{} does not match the {} columns of {}", p.width, a.cols(), p.features_path),
                 ));
             }
-            a.data.to_vec()
+            // The file's mapping itself: no copy of what may be the job's largest input.
+            a.data
         }
     } else {
-        Vec::new()
+        Segment::from_floats(Vec::new())
     };
     let dim = if features.is_empty() { 1 } else { features.len() / n.max(1) };
     let algorithm = match Kernel::try_from(p.kernel) {
@@ -273,7 +274,7 @@ pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, 
         Built::Heat(k) => (KernelSpec::Heat(k), None, stop),
         Built::Appnp(k) => {
             let spec = KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim };
-            (spec, Some(Segment::from_slice(&features)), stop)
+            (spec, Some(features), stop)
         }
     })
 }
@@ -572,9 +573,10 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
                     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
                 }
                 let tmp = path.with_extension("npy.part");
-                write_npy(&tmp, &shape, &out.values).map_err(|e| e.to_string())?;
+                let parts = out.slices();
+                write_npy_parts(&tmp, &shape, &parts).map_err(|e| e.to_string())?;
                 std::fs::rename(&tmp, &path).map_err(|e| format!("storing {}: {e}", path.display()))?;
-                Ok(crate::run::digest_bytes(&out.values))
+                Ok(crate::run::digest_parts(&parts))
             })
             .await
             .map_err(|e| fatal(e.to_string()))?

@@ -73,11 +73,25 @@ pub struct StepReport {
 /// A finished run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MasterOutput {
-    /// `vertices × width` values in vertex order.
-    pub values: Vec<f32>,
+    /// Each partition's `rows × width` values, in partition order: the result (`vertices × width`
+    /// values in vertex order) is their concatenation. They stay apart so the master never holds
+    /// an assembled second copy of a result as large as the graph's feature matrix.
+    pub parts: Vec<Segment<f32>>,
     pub width: usize,
     pub iterations: u32,
     pub residual: f32,
+}
+
+impl MasterOutput {
+    /// The parts as slices, in vertex order.
+    pub fn slices(&self) -> Vec<&[f32]> {
+        self.parts.iter().map(|p| &p[..]).collect()
+    }
+
+    /// The whole result in one vector (a copy; for small results and tests).
+    pub fn to_vec(&self) -> Vec<f32> {
+        self.slices().concat()
+    }
 }
 
 /// Why a run stopped short.
@@ -100,7 +114,7 @@ impl MasterError {
 /// closes every job stream, which stops the remote owners. Checkpoints go to `checkpoints`.
 pub async fn run_master(
     rt: Arc<JobRuntime>,
-    job: MasterJob,
+    mut job: MasterJob,
     checkpoints: Option<mpsc::UnboundedSender<Checkpoint>>,
     mut report: impl FnMut(StepReport) + Send,
 ) -> Result<MasterOutput, MasterError> {
@@ -132,16 +146,26 @@ pub async fn run_master(
     let mut links = JoinSet::new();
     let mut to_owner = Vec::with_capacity(count);
     let me = rt.node();
+    // The whole feature matrix lives only until every partition has its rows: remote owners'
+    // rows are views shipped and dropped by their links, and the local owner gets its own copy
+    // (made on its workers), so no view pins the matrix for the rest of the job.
+    let all_features = job.features.take();
     for p in &parts.parts {
-        let features = job.features.as_ref().map(|f| {
+        let node = job.owners[p.index];
+        let mut features = all_features.as_ref().map(|f| {
             let r = p.graph.owned_range();
             f.slice(r.start as usize * width..r.end as usize * width)
         });
+        if node == me
+            && let Some(view) = features.take()
+        {
+            let copy = rt.workers().run(p.index, move || Segment::from_slice(&view)).await;
+            features = Some(copy.map_err(|e| MasterError::fatal(e.to_string()))?);
+        }
         let part = OwnedPart::from_partition(p, features);
         let resume = job.resume.as_ref().map(|r| (r.step, r.parts[p.index].clone()));
         let (otx, orx) = mpsc::unbounded_channel();
         to_owner.push(otx);
-        let node = job.owners[p.index];
         let (owners, kernel) = (job.owners.clone(), job.kernel.clone());
         if node == me {
             links.spawn(run_owner(rt.clone(), job.key, part, kernel, owners, resume, orx, tx.clone()));
@@ -150,7 +174,7 @@ pub async fn run_master(
             links.spawn(link.run(part, resume, orx, tx.clone()));
         }
     }
-    drop(parts);
+    drop((parts, all_features));
     drop(tx);
 
     let (mut iterations, mut residual, mut partials) = match &job.resume {
@@ -236,12 +260,9 @@ pub async fn run_master(
             other => return Err(unexpected(p, other, &job.owners, "waiting for results")),
         }
     }
-    let mut values = Vec::with_capacity(job.graph.vertices() * width);
-    for r in rows.into_iter().flatten() {
-        values.extend_from_slice(r.as_slice());
-    }
+    let parts = rows.into_iter().flatten().map(Rows::into_segment).collect();
     links.shutdown().await;
-    Ok(MasterOutput { values, width, iterations, residual })
+    Ok(MasterOutput { parts, width, iterations, residual })
 }
 
 fn lost(reason: impl Into<String>) -> MasterError {

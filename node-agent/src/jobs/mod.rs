@@ -70,14 +70,24 @@ pub struct Halo {
     pub values: Segment<f32>,
 }
 
+/// Halo pieces a partition's mailbox holds before its senders wait: the stream reader stops
+/// reading, QUIC flow control stops the peer's writer, so arriving halos never pile up in
+/// memory faster than the owner unpacks them (a whole APPNP halo is tens of MB).
+const MAILBOX_PIECES: usize = 8;
+
+/// How long a halo piece may wait for room in a mailbox before its stream is given up: owners
+/// drain their mailbox throughout an exchange, and peers send only after every owner is ready,
+/// so only a mailbox whose owner is gone stays full.
+const MAILBOX_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 struct Mailbox {
-    tx: mpsc::UnboundedSender<Halo>,
-    rx: Mutex<Option<mpsc::UnboundedReceiver<Halo>>>,
+    tx: mpsc::Sender<Halo>,
+    rx: Mutex<Option<mpsc::Receiver<Halo>>>,
 }
 
 impl Mailbox {
     fn new() -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(MAILBOX_PIECES);
         Self { tx, rx: Mutex::new(Some(rx)) }
     }
 }
@@ -204,17 +214,21 @@ impl JobRuntime {
     }
 
     /// Hands a halo to the owner of `to` (on this node), whether or not it has started yet.
-    fn deliver(&self, key: JobKey, to: u32, halo: Halo) {
+    /// Puts a halo piece in partition `to`'s mailbox, waiting while it is full. False when the
+    /// piece cannot be delivered: its epoch is stale, the mailbox was dropped (the job ended
+    /// here), or it stayed full for [`MAILBOX_WAIT`].
+    async fn deliver(&self, key: JobKey, to: u32, halo: Halo) -> bool {
         if self.stale(key) {
             metrics::counter!("quiver_job_stale_messages_total").increment(1);
-            return;
+            return false;
         }
-        let mb = self.mailboxes.entry((key, to)).or_insert_with(Mailbox::new);
-        let _ = mb.tx.send(halo);
+        // Clone the sender out: no map shard lock may be held across the wait.
+        let tx = self.mailboxes.entry((key, to)).or_insert_with(Mailbox::new).tx.clone();
+        matches!(tokio::time::timeout(MAILBOX_WAIT, tx.send(halo)).await, Ok(Ok(())))
     }
 
     /// The receiving end of partition `part`'s mailbox (once).
-    fn take_mailbox(&self, key: JobKey, part: u32) -> Option<mpsc::UnboundedReceiver<Halo>> {
+    fn take_mailbox(&self, key: JobKey, part: u32) -> Option<mpsc::Receiver<Halo>> {
         let mb = self.mailboxes.entry((key, part)).or_insert_with(Mailbox::new);
         mb.rx.lock().expect("mailbox lock").take()
     }
@@ -252,7 +266,12 @@ impl JobRuntime {
                 _ => Err(format!("a halo frame for partition {to} must carry halo metadata for it and one segment")),
             };
             match checked {
-                Ok((from, superstep, first, values)) => self.deliver(key, to, Halo { from, superstep, first, values }),
+                Ok((from, superstep, first, values)) => {
+                    if !self.deliver(key, to, Halo { from, superstep, first, values }).await {
+                        s.recv.stop(ErrorCode::Refused);
+                        return;
+                    }
+                }
                 Err(reason) => {
                     s.recv.reject(ErrorCode::Malformed, &reason);
                     return;
@@ -300,7 +319,7 @@ impl HaloSender {
     ) -> Result<(), String> {
         let node = *self.owners.get(to as usize).ok_or_else(|| format!("no owner for partition {to}"))?;
         if node == self.rt.node() {
-            self.rt.deliver(self.key, to, Halo { from: self.from, superstep, first, values });
+            self.rt.deliver(self.key, to, Halo { from: self.from, superstep, first, values }).await;
             return Ok(());
         }
         if !self.links.contains_key(&to) {

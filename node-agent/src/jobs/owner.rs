@@ -38,6 +38,13 @@ impl Rows {
             Rows::Received(s) => s,
         }
     }
+
+    pub(crate) fn into_segment(self) -> Segment<f32> {
+        match self {
+            Rows::Local(v) => Segment::from_floats(v),
+            Rows::Received(s) => s,
+        }
+    }
 }
 
 /// What an owner tells the master.
@@ -353,7 +360,7 @@ where
 /// Takes the halo pieces of one superstep from the partition's mailbox, checking sender,
 /// superstep, order and length before anything is unpacked.
 struct Inbox {
-    rx: mpsc::UnboundedReceiver<super::Halo>,
+    rx: mpsc::Receiver<super::Halo>,
     /// (owner partition, values expected) per halo source, in source order.
     sources: Vec<(u32, usize)>,
     /// Values received so far per source, in the current superstep.
@@ -362,7 +369,7 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn new(rx: mpsc::UnboundedReceiver<super::Halo>, part: &OwnedPart, width: usize) -> Self {
+    fn new(rx: mpsc::Receiver<super::Halo>, part: &OwnedPart, width: usize) -> Self {
         let sources: Vec<(u32, usize)> = part
             .halo_sources
             .iter()
