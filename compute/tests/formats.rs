@@ -232,6 +232,19 @@ fn npy_round_trips_vectors_and_matrices() {
 }
 
 #[test]
+fn npy_written_in_parts_equals_npy_written_whole() {
+    let dir = Dir::new();
+    let m: Vec<f32> = (0..3 * 70_001).map(|i| i as f32 * 0.25).collect();
+    write_npy(dir.path("whole.npy"), &[70_001, 3], &m).unwrap();
+    let (a, rest) = m.split_at(3 * 1_000);
+    let (b, c) = rest.split_at(3 * 65_536);
+    npy::write_npy_parts(dir.path("parts.npy"), &[70_001, 3], &[a, b, &[], c]).unwrap();
+    assert_eq!(std::fs::read(dir.path("parts.npy")).unwrap(), std::fs::read(dir.path("whole.npy")).unwrap());
+    let err = npy::write_npy_parts(dir.path("short.npy"), &[70_001, 3], &[a, b]).unwrap_err().to_string();
+    assert!(err.contains("does not hold"), "{err}");
+}
+
+#[test]
 fn npy_golden_bytes_match_numpy() {
     // `np.save(f, np.array([1.0, 2.0], dtype='<f4'))` with numpy >= 1.21 (64-byte aligned header).
     let mut b = Vec::new();

@@ -281,3 +281,17 @@ pub fn digest_from_hex(text: &str) -> Option<[u8; 32]> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_of_parts_is_the_digest_of_their_concatenation() {
+        let v: Vec<f32> = (0..200_000).map(|i| i as f32 * 0.5).collect();
+        let (a, rest) = v.split_at(70_000);
+        let (b, c) = rest.split_at(65_537);
+        assert_eq!(digest_parts(&[a, b, &[], c]), digest_bytes(&v));
+        assert_ne!(digest_parts(&[b, a, c]), digest_bytes(&v));
+    }
+}
