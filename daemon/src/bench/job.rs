@@ -6,7 +6,8 @@
 //! with one partition per node, follows it with `Watch`, and reports: the whole job (submit
 //! acknowledged → succeeded, including cutting and shipping the partitions), the steady
 //! superstep time (first to last superstep report), both as ratios to `quiver run`, whether the
-//! result digests match, and every agent's peak RSS.
+//! result digests match, and every agent's peak RSS (the first agent takes the submit, so it is the
+//! job's holder and master: it keeps the graph file mapped and its checkpoints besides its own third).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -171,7 +172,7 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "{} on {} vertices / {} edges, {} iterations\n  quiver run ({} threads): {run_compute:.3} s ({run_per_iter:.4} s/iteration)\n  \
              {} agents: job {job_seconds:.3} s ({:.2}× quiver run), superstep {per_step:.4} s ({:.2}×)\n  \
-             digest {} {}; agent peak RSS {} MiB ({} MB)",
+             digest {} {}; agent peak RSS (the first is the job's holder and master) {} MiB ({} MB)",
             a.algo,
             reference["vertices"],
             reference["edges"],
