@@ -125,7 +125,7 @@ impl JobsHost {
         // Checking features reads a file and may generate megabytes: on the workers.
         let checked = shared
             .workers
-            .run(0, move || kernel_of(&params, &g2).map(|_| ()))
+            .run(0, move || check_kernel(&params, &g2))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         checked.map_err(|(field, reason)| Status::invalid_argument(format!("{field}: {reason}")))?;
@@ -210,7 +210,19 @@ pub type JobKernel = (KernelSpec, Option<Segment<f32>>, Stop);
 /// The kernel, the APPNP features and the stop rule a spec asks for on graph `g`; errors name
 /// the spec field and the reason.
 pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, String)> {
-    let n = g.vertices();
+    kernel_for(p, g, true)
+}
+
+/// Checks what [`kernel_of`] would build, without generating seeded APPNP features (a matrix as
+/// large as the graph's vertices × width, which only the master needs).
+pub fn check_kernel(p: &KernelParams, g: &Csr) -> Result<(), (&'static str, String)> {
+    kernel_for(p, g, false).map(|_| ())
+}
+
+fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&'static str, String)> {
+    let mut n = g.vertices();
+    // The feature width when the seeded rows are checked but not generated.
+    let mut unmade_width = None;
     let stop = if p.tolerance > 0.0 {
         Stop::tolerance(p.tolerance as f32, p.max_iterations)
     } else {
@@ -222,7 +234,14 @@ pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, 
             if p.width == 0 {
                 return Err(("params.width", "appnp needs a feature width of at least 1".into()));
             }
-            Segment::from_floats(generate::features(n, p.width as usize, p.feature_seed))
+            if generate {
+                Segment::from_floats(generate::features(n, p.width as usize, p.feature_seed))
+            } else {
+                // Checked as a graph of no vertices: the rows would be generated to fit.
+                n = 0;
+                unmade_width = Some(p.width as usize);
+                Segment::from_floats(Vec::new())
+            }
         } else {
             let a =
                 read_npy::<f32>(Path::new(&p.features_path)).map_err(|e| ("params.features_path", e.to_string()))?;
@@ -247,7 +266,11 @@ pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, 
     } else {
         Segment::from_floats(Vec::new())
     };
-    let dim = if features.is_empty() { 1 } else { features.len() / n.max(1) };
+    let dim = match unmade_width {
+        Some(width) => width,
+        None if features.is_empty() => 1,
+        None => features.len() / n.max(1),
+    };
     let algorithm = match Kernel::try_from(p.kernel) {
         Ok(Kernel::Pagerank) => Algorithm::PageRank { damping: coefficient },
         Ok(Kernel::PersonalizedPagerank) => Algorithm::PersonalizedPageRank { damping: coefficient, seeds: &p.seeds },
