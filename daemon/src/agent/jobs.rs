@@ -220,28 +220,23 @@ pub fn check_kernel(p: &KernelParams, g: &Csr) -> Result<(), (&'static str, Stri
 }
 
 fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&'static str, String)> {
-    let mut n = g.vertices();
-    // The feature width when the seeded rows are checked but not generated.
-    let mut unmade_width = None;
+    let n = g.vertices();
     let stop = if p.tolerance > 0.0 {
         Stop::tolerance(p.tolerance as f32, p.max_iterations)
     } else {
         Stop::iterations(p.max_iterations)
     };
     let coefficient = p.alpha as f32;
-    let features = if Kernel::try_from(p.kernel) == Ok(Kernel::Appnp) {
+    // The features, the rows they cover (the graph's vertices, or none when seeded rows are only
+    // checked: they would be generated to fit) and their width.
+    let (features, rows, width) = if Kernel::try_from(p.kernel) == Ok(Kernel::Appnp) {
         if p.features_path.is_empty() {
             if p.width == 0 {
                 return Err(("params.width", "appnp needs a feature width of at least 1".into()));
             }
-            if generate {
-                Segment::from_floats(generate::features(n, p.width as usize, p.feature_seed))
-            } else {
-                // Checked as a graph of no vertices: the rows would be generated to fit.
-                n = 0;
-                unmade_width = Some(p.width as usize);
-                Segment::from_floats(Vec::new())
-            }
+            let width = p.width as usize;
+            let rows = if generate { n } else { 0 };
+            (Segment::from_floats(generate::features(rows, width, p.feature_seed)), rows, width)
         } else {
             let a =
                 read_npy::<f32>(Path::new(&p.features_path)).map_err(|e| ("params.features_path", e.to_string()))?;
@@ -261,16 +256,13 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
                 ));
             }
             // The file's mapping itself: no copy of what may be the job's largest input.
-            a.data
+            let width = a.cols();
+            (a.data, n, width)
         }
     } else {
-        Segment::from_floats(Vec::new())
+        (Segment::from_floats(Vec::new()), n, 1)
     };
-    let dim = match unmade_width {
-        Some(width) => width,
-        None if features.is_empty() => 1,
-        None => features.len() / n.max(1),
-    };
+    let dim = if features.is_empty() { 1 } else { width };
     let algorithm = match Kernel::try_from(p.kernel) {
         Ok(Kernel::Pagerank) => Algorithm::PageRank { damping: coefficient },
         Ok(Kernel::PersonalizedPagerank) => Algorithm::PersonalizedPageRank { damping: coefficient, seeds: &p.seeds },
@@ -283,7 +275,7 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
         },
         _ => return Err(("params.kernel", format!("unknown algorithm {}", p.kernel))),
     };
-    let built = kernels::build(n, &Params { algorithm, stop }).map_err(|e| {
+    let built = kernels::build(rows, &Params { algorithm, stop }).map_err(|e| {
         let field = match e {
             KernelError::NoSeeds { .. } | KernelError::UnknownSeed { .. } => "params.seeds",
             KernelError::FeatureShape { .. } | KernelError::ZeroDimension => "params.features_path",

@@ -321,15 +321,12 @@ async fn receive_into(
             None => {
                 check_name(&name)?;
                 if meta.total > MAX_REPLICA_BYTES {
-                    return Err(Failed::Refused(format!(
-                        "{name}: {} bytes is more than {MAX_REPLICA_BYTES}",
-                        meta.total
-                    )));
+                    return Err(format!("{name}: {} bytes is more than {MAX_REPLICA_BYTES}", meta.total).into());
                 }
                 if let Some(hex) = name.strip_prefix("blobs/")
                     && crate::run::hex(&meta.sha256) != hex
                 {
-                    return Err(Failed::Refused(format!("{name}: a graph blob must be named by its SHA-256")));
+                    return Err(format!("{name}: a graph blob must be named by its SHA-256").into());
                 }
                 let tmp = temp_path(&shared.data_dir.join(&name));
                 if let Some(dir) = tmp.parent() {
@@ -340,28 +337,25 @@ async fn receive_into(
                 first = Some(meta.clone());
             }
             Some(f) if f.name != name || f.sha256 != meta.sha256 || f.total != meta.total => {
-                return Err(Failed::Refused(format!(
-                    "{name}: a piece of another file ({}) arrived on the same stream",
-                    f.name
-                )));
+                return Err(format!("{name}: a piece of another file ({}) arrived on the same stream", f.name).into());
             }
             Some(_) => {}
         }
         if frame.segment_count() != 1 {
-            return Err(Failed::Refused(format!(
-                "{name}: {} segments, expected one (a piece of the file)",
-                frame.segment_count()
-            )));
+            return Err(
+                format!("{name}: {} segments, expected one (a piece of the file)", frame.segment_count()).into()
+            );
         }
         let bytes = frame.segment::<u8>(0).map_err(|e| format!("{name}: {e}"))?;
         let end = meta.offset.checked_add(bytes.len() as u64).filter(|&e| e <= meta.total);
         if meta.offset != written || end.is_none() {
-            return Err(Failed::Refused(format!(
+            return Err(format!(
                 "{name}: a piece at byte {} of {} bytes, expected the next from byte {written} of {}",
                 meta.offset,
                 bytes.len(),
                 meta.total
-            )));
+            )
+            .into());
         }
         digest.update(bytes.as_bytes());
         let (tmp, f) = file.as_mut().expect("created with the first piece");
@@ -373,7 +367,7 @@ async fn receive_into(
     }
     let meta = first.expect("at least one piece arrived");
     if digest.finish().as_ref() != meta.sha256.as_slice() {
-        return Err(Failed::Refused(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name)));
+        return Err(format!("{}: the bytes' SHA-256 differs from the one sent", meta.name).into());
     }
     let (tmp, mut f) = file.take().expect("created with the first piece");
     f.flush().await.map_err(|e| format!("{}: {e}", tmp.display()))?;

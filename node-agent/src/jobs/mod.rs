@@ -10,7 +10,7 @@
 //!   barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
 //!   whether to stop exactly as [`run_partitioned`](quiver_compute::kernels::run_partitioned) does,
 //!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner sends its result rows, which the
-//!   master assembles in vertex order. A partition whose owner is the master's own node runs in
+//!   master returns as one part per partition, in vertex order (never assembled into a copy). A partition whose owner is the master's own node runs in
 //!   the same process over channels: no stream, no copy of the partition.
 //! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async
 //!   thread) and reports its partials to the master. On `Go(s + 1)` — every owner has computed
