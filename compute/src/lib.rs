@@ -29,6 +29,6 @@ pub mod generate;
 pub mod kernels;
 pub mod partition;
 
-pub use buf::{AlignedBytes, Pod, SEGMENT_ALIGN, Segment};
+pub use buf::{AlignedBytes, Pod, Prefault, SEGMENT_ALIGN, Segment};
 pub use csr::{Csr, CsrBuilder, SelfLoops};
 pub use formats::{Format, LoadError, ReadOptions, read_graph, read_graph_as, write_graph};

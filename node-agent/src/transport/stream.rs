@@ -5,6 +5,7 @@
 //! warning naming the peer; the connection and its other streams are not touched.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -282,8 +283,9 @@ impl PeerRecvStream {
         let (peer, stream) = (self.peer, self.id());
         let (mut buf, fresh) = match reuse {
             Some(b) if b.len() >= total => (b, false),
-            _ => (alloc_payload(total).await, true),
+            _ => (AlignedBytes::zeroed(total), true),
         };
+        let _prefault = fresh.then(|| PrefaultTask::start(&buf)).flatten();
         let mut stats = CopyStats { buffers: u32::from(fresh), reused: !fresh, ..CopyStats::default() };
         {
             let dst = buf.as_mut_slice();
@@ -315,19 +317,34 @@ impl PeerRecvStream {
     }
 }
 
-/// Payloads from this size up are allocated on tokio's blocking pool.
-const BLOCKING_ALLOC: usize = 1 << 20;
+/// Backs a fresh payload buffer's pages on tokio's blocking pool while the receive loop copies
+/// into it (see [`AlignedBytes::prefault`]); stops when dropped, i.e. when the frame is complete or
+/// the receive failed.
+///
+/// The page faults and kernel zeroing of a fresh 1 GiB buffer cost about 0.3–0.9 CPU-s here. Done
+/// as a memset before the copy, the reader waits for the whole buffer while the sender sits on a
+/// full flow-control window; done lazily inside the copy, they slow the reader and delay the other
+/// tasks on its async worker. Ahead of the copy, on another thread, they overlap with both; the
+/// copy does not wait for them (making it wait measured slower), so where it catches up it faults
+/// the next pages itself. Numbers: benches/RESULTS.md, Transport.
+struct PrefaultTask {
+    stop: Arc<AtomicBool>,
+}
 
-/// Allocates a zeroed payload buffer without stalling an async worker: zeroing and faulting in a
-/// large buffer takes about a second per GiB here, and two of them at once on the two workers held
-/// heartbeat echoes back for 1.8 s in a benchmark run.
-async fn alloc_payload(len: usize) -> AlignedBytes {
-    if len < BLOCKING_ALLOC {
-        return AlignedBytes::zeroed(len);
+impl PrefaultTask {
+    fn start(buf: &AlignedBytes) -> Option<Self> {
+        let prefault = buf.prefault()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        // Detached: the task holds the mapping alive by itself and ends at the flag or the end.
+        drop(tokio::task::spawn_blocking(move || prefault.run(|_| !flag.load(Ordering::Relaxed))));
+        Some(Self { stop })
     }
-    match tokio::task::spawn_blocking(move || AlignedBytes::zeroed(len)).await {
-        Ok(buf) => buf,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
+}
+
+impl Drop for PrefaultTask {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
