@@ -274,6 +274,21 @@ impl Storage {
     }
 }
 
+impl Storage {
+    /// Drops this process's resident pages of a file mapping; the kernel reads them back from the
+    /// file (usually still in the page cache) when they are next touched. Other storage keeps its
+    /// memory. For a holder that has read a whole graph once and needs it again only to recover.
+    pub fn release_resident(&self) {
+        if let Storage::Mapped(m) = self {
+            // SAFETY: the mapping is read-only and file-backed, so dropping its pages discards
+            // nothing: they refault with the file's contents, which must not change while mapped
+            // anyway (the kernel may evict clean file pages at any time and refault them the same
+            // way). Best effort: a refusal leaves the pages resident.
+            let _ = unsafe { m.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+}
+
 impl fmt::Debug for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -144,6 +144,15 @@ impl Csr {
         Ok(())
     }
 
+    /// Drops this process's resident pages of the arrays that are file mappings (a `.qcsr` read
+    /// by mapping); see [`crate::buf::Storage::release_resident`]. Heap arrays are untouched.
+    pub fn release_resident(&self) {
+        let arrays = [self.offsets.storage(), self.sources.storage(), self.out_degree.storage()];
+        for s in arrays.into_iter().chain(self.weights.as_ref().map(Segment::storage)) {
+            s.release_resident();
+        }
+    }
+
     /// Number of vertices.
     pub fn vertices(&self) -> usize {
         self.offsets.len() - 1

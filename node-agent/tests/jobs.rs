@@ -68,7 +68,7 @@ fn spec_of(g: &Csr, params: &Params<'_>) -> (KernelSpec, Option<Segment<f32>>) {
         kernels::Built::PageRank(k) => (KernelSpec::PageRank(k), None),
         kernels::Built::Heat(k) => (KernelSpec::Heat(k), None),
         kernels::Built::Appnp(k) => (
-            KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim },
+            KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim, feature_seed: None },
             Some(Segment::from_slice(k.features)),
         ),
     }
@@ -162,6 +162,17 @@ async fn every_kernel_matches_the_single_process_run_on_any_placement() {
             let got = distributed(&nodes, &g, params, owners, job).await;
             assert_eq!(bits(&got), bits(&reference), "{} on {owners:?}", params.algorithm.name());
         }
+    }
+    // Seeded APPNP features: no matrix leaves the master, each owner generates its own rows.
+    let reference = kernels::run(&g, &cases[3], 1).unwrap().values;
+    for owners in placements {
+        job += 1;
+        let mut mj = master_job(&g, &cases[3], job, 1, owners);
+        let KernelSpec::Appnp { feature_seed, .. } = &mut mj.kernel else { unreachable!("case 3 is appnp") };
+        *feature_seed = Some(3);
+        mj.features = None;
+        let (out, _, _) = run_to_end(&nodes[0].rt, &mj, false).await;
+        assert_eq!(bits(&out.to_vec()), bits(&reference), "seeded appnp on {owners:?}");
     }
 }
 

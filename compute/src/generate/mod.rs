@@ -141,9 +141,16 @@ pub(crate) const EDGE_BLOCK: u64 = 1 << 21;
 /// A seeded `rows × dim` row-major feature matrix with values uniform in `[0, 1)`: value `i`
 /// (row-major) is the first `f32` of stream `(seed, FEATURES, i)`.
 pub fn features(rows: usize, dim: usize, seed: u64) -> Vec<f32> {
-    let mut out = crate::kernels::superstep::huge_zeroed(rows * dim);
+    feature_rows(0..rows, dim, seed)
+}
+
+/// Rows `rows` of the matrix [`features`] generates, without generating the others: a job's owner
+/// makes the rows of its own vertices, bit-identical to the same rows of the whole matrix.
+pub fn feature_rows(rows: std::ops::Range<usize>, dim: usize, seed: u64) -> Vec<f32> {
+    let first = (rows.start * dim) as u64;
+    let mut out = crate::kernels::superstep::huge_zeroed(rows.len() * dim);
     out.par_chunks_mut(1 << 16).enumerate().for_each(|(c, chunk)| {
-        let base = (c << 16) as u64;
+        let base = first + (c << 16) as u64;
         for (j, x) in chunk.iter_mut().enumerate() {
             *x = SplitMix64::stream(seed, purpose::FEATURES, base + j as u64).next_f32();
         }
@@ -172,6 +179,15 @@ mod tests {
             assert!((0.0..1.0).contains(&x));
         }
         assert_eq!(r.below(0), 0);
+    }
+
+    #[test]
+    fn feature_rows_are_the_same_rows_of_the_whole_matrix() {
+        let (rows, dim) = (1500, 70);
+        let whole = features(rows, dim, 42);
+        for r in [0..0, 0..1, 3..1000, 999..1500, 1499..1500] {
+            assert_eq!(feature_rows(r.clone(), dim, 42), whole[r.start * dim..r.end * dim], "rows {r:?}");
+        }
     }
 
     #[test]

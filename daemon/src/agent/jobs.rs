@@ -32,7 +32,7 @@ use prost::Message as _;
 use quiver_compute::formats::{read_npy, write_npy, write_npy_parts};
 use quiver_compute::kernels::superstep::{ExactSum, Partials};
 use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
-use quiver_compute::{Csr, Format, ReadOptions, Segment, generate, read_graph_as};
+use quiver_compute::{Csr, Format, ReadOptions, Segment, read_graph_as};
 use quiver_coordinator::scheduler::{SpeedModel, place_job};
 use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, Liveness, PartitionShape};
 use quiver_coordinator::{Command, Op, Outcome, RequestId};
@@ -122,10 +122,10 @@ impl JobsHost {
         let g = g.map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
         let params = spec.params.clone().unwrap_or_default();
         let g2 = g.clone();
-        // Checking features reads a file and may generate megabytes: on the workers.
+        // Checking features maps and checks a file: on the workers.
         let checked = shared
             .workers
-            .run(0, move || check_kernel(&params, &g2))
+            .run(0, move || kernel_of(&params, &g2).map(drop))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
         checked.map_err(|(field, reason)| Status::invalid_argument(format!("{field}: {reason}")))?;
@@ -204,22 +204,14 @@ impl JobsHost {
     }
 }
 
-/// The kernel, the APPNP features (whole matrix) and the stop rule of a job.
+/// The kernel, the APPNP features (the whole matrix from a features file; `None` for seeded
+/// features, which each owner generates for its own rows) and the stop rule of a job.
 pub type JobKernel = (KernelSpec, Option<Segment<f32>>, Stop);
 
 /// The kernel, the APPNP features and the stop rule a spec asks for on graph `g`; errors name
-/// the spec field and the reason.
+/// the spec field and the reason. Reads a features file (mapped, not copied) but never generates
+/// features, so submit checks a spec with it as cheaply as the master builds the job.
 pub fn kernel_of(p: &KernelParams, g: &Csr) -> Result<JobKernel, (&'static str, String)> {
-    kernel_for(p, g, true)
-}
-
-/// Checks what [`kernel_of`] would build, without generating seeded APPNP features (a matrix as
-/// large as the graph's vertices × width, which only the master needs).
-pub fn check_kernel(p: &KernelParams, g: &Csr) -> Result<(), (&'static str, String)> {
-    kernel_for(p, g, false).map(|_| ())
-}
-
-fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&'static str, String)> {
     let n = g.vertices();
     let stop = if p.tolerance > 0.0 {
         Stop::tolerance(p.tolerance as f32, p.max_iterations)
@@ -227,16 +219,14 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
         Stop::iterations(p.max_iterations)
     };
     let coefficient = p.alpha as f32;
-    // The features, the rows they cover (the graph's vertices, or none when seeded rows are only
-    // checked: they would be generated to fit) and their width.
+    // The features, the rows they cover (the graph's vertices; none for seeded features, which
+    // the owners generate) and their width.
     let (features, rows, width) = if Kernel::try_from(p.kernel) == Ok(Kernel::Appnp) {
         if p.features_path.is_empty() {
             if p.width == 0 {
                 return Err(("params.width", "appnp needs a feature width of at least 1".into()));
             }
-            let width = p.width as usize;
-            let rows = if generate { n } else { 0 };
-            (Segment::from_floats(generate::features(rows, width, p.feature_seed)), rows, width)
+            (Segment::from_floats(Vec::new()), 0, p.width as usize)
         } else {
             let a =
                 read_npy::<f32>(Path::new(&p.features_path)).map_err(|e| ("params.features_path", e.to_string()))?;
@@ -262,7 +252,6 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
     } else {
         (Segment::from_floats(Vec::new()), n, 1)
     };
-    let dim = if features.is_empty() { 1 } else { width };
     let algorithm = match Kernel::try_from(p.kernel) {
         Ok(Kernel::Pagerank) => Algorithm::PageRank { damping: coefficient },
         Ok(Kernel::PersonalizedPagerank) => Algorithm::PersonalizedPageRank { damping: coefficient, seeds: &p.seeds },
@@ -271,7 +260,7 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
             alpha: coefficient,
             normalization: if p.random_walk { Normalization::RandomWalk } else { Normalization::Symmetric },
             features: &features,
-            dim,
+            dim: width,
         },
         _ => return Err(("params.kernel", format!("unknown algorithm {}", p.kernel))),
     };
@@ -288,8 +277,9 @@ fn kernel_for(p: &KernelParams, g: &Csr, generate: bool) -> Result<JobKernel, (&
         Built::PageRank(k) => (KernelSpec::PageRank(k), None, stop),
         Built::Heat(k) => (KernelSpec::Heat(k), None, stop),
         Built::Appnp(k) => {
-            let spec = KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim };
-            (spec, Some(features), stop)
+            let feature_seed = p.features_path.is_empty().then_some(p.feature_seed);
+            let spec = KernelSpec::Appnp { alpha: k.alpha, normalization: k.normalization, dim: k.dim, feature_seed };
+            (spec, feature_seed.is_none().then_some(features), stop)
         }
     })
 }

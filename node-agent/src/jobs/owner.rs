@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use quiver_compute::Segment;
 use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState};
 use quiver_compute::kernels::{Appnp, Normalization};
 use quiver_compute::partition::LocalGraph;
+use quiver_compute::{Segment, generate};
 use quiver_proto::peer::{JobMessage, job_message};
 use tokio::sync::mpsc;
 
@@ -172,14 +172,16 @@ pub(crate) async fn run_owner(
     let result = match spec {
         KernelSpec::PageRank(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
         KernelSpec::Heat(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
-        KernelSpec::Appnp { alpha, normalization, dim } => match part.features.clone() {
-            Some(features) => {
-                let base = part.graph.first();
-                let k = OwnedAppnp { alpha, normalization, dim, base, features };
-                owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await
+        KernelSpec::Appnp { alpha, normalization, dim, feature_seed } => {
+            match owned_features(&rt, &part, dim, feature_seed).await {
+                Ok(features) => {
+                    let base = part.graph.first();
+                    let k = OwnedAppnp { alpha, normalization, dim, base, features };
+                    owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await
+                }
+                Err(e) => Err(e),
             }
-            None => Err("appnp partition without features".to_string()),
-        },
+        }
     };
     if let Err(reason) = result {
         let msg = match reason.strip_prefix(LOST) {
@@ -187,6 +189,29 @@ pub(crate) async fn run_owner(
             None => ToMaster::Failed(reason),
         };
         let _ = tx.send((p, msg));
+    }
+}
+
+/// The feature rows of the partition's own vertices: from the frame, or generated from the seed
+/// on the partition's worker (which thereby first-touches them) — the master never holds the
+/// whole matrix for a seeded job.
+async fn owned_features(
+    rt: &JobRuntime,
+    part: &OwnedPart,
+    dim: usize,
+    seed: Option<u64>,
+) -> Result<Segment<f32>, String> {
+    match (&part.features, seed) {
+        (Some(features), _) => Ok(features.clone()),
+        (None, Some(seed)) => {
+            let r = part.graph.owned_range();
+            let rows = r.start as usize..r.end as usize;
+            rt.workers()
+                .run(part.index as usize, move || Segment::from_floats(generate::feature_rows(rows, dim, seed)))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        (None, None) => Err("appnp partition without features".to_string()),
     }
 }
 
@@ -447,7 +472,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
         };
         let spec = KernelSpec::from_plan(&plan)?;
         let owners: Vec<NodeId> = plan.owners.iter().map(|&n| NodeId(n)).collect();
-        part.check(owners.len(), spec.width(), matches!(spec, KernelSpec::Appnp { .. }))?;
+        part.check(owners.len(), spec.width(), spec.ships_features())?;
         if part.index != s.header.partition {
             return Err(format!("the stream is for partition {}, the frame for {}", s.header.partition, part.index));
         }

@@ -21,8 +21,9 @@ pub enum KernelSpec {
     PageRank(PageRank),
     /// The heat kernel.
     Heat(Heat),
-    /// APPNP; the features are per partition ([`OwnedPart::features`]).
-    Appnp { alpha: f32, normalization: Normalization, dim: usize },
+    /// APPNP. With `feature_seed`, each owner generates the feature rows of its own vertices
+    /// (`generate::feature_rows`); without, they travel with the partition ([`OwnedPart::features`]).
+    Appnp { alpha: f32, normalization: Normalization, dim: usize, feature_seed: Option<u64> },
 }
 
 impl KernelSpec {
@@ -32,6 +33,11 @@ impl KernelSpec {
             KernelSpec::Appnp { dim, .. } => *dim,
             _ => 1,
         }
+    }
+
+    /// Whether each partition frame must carry feature rows.
+    pub fn ships_features(&self) -> bool {
+        matches!(self, KernelSpec::Appnp { feature_seed: None, .. })
     }
 
     /// The plan an owner receives.
@@ -47,7 +53,12 @@ impl KernelSpec {
                 ("appnp", f64::from(*alpha), vec![], *normalization == Normalization::Symmetric)
             }
         };
+        let feature_seed = match self {
+            KernelSpec::Appnp { feature_seed, .. } => *feature_seed,
+            _ => None,
+        };
         JobPlan {
+            feature_seed,
             kernel: kernel.into(),
             coefficient,
             seeds,
@@ -91,6 +102,7 @@ impl KernelSpec {
                     alpha: c as f32,
                     normalization: if plan.symmetric { Normalization::Symmetric } else { Normalization::RandomWalk },
                     dim: plan.width as usize,
+                    feature_seed: plan.feature_seed,
                 }
             }
             other => return Err(format!("plan: unknown kernel {other:?}")),
@@ -206,7 +218,8 @@ impl OwnedPart {
 
     /// Checks the halo and mirror lists and the features against the plan: every index the
     /// executor will use is in range, halo runs are disjoint and inside the halo part.
-    pub fn check(&self, parts: usize, width: usize, appnp: bool) -> Result<(), String> {
+    /// `features`: whether the kernel needs feature rows in the frame.
+    pub fn check(&self, parts: usize, width: usize, features: bool) -> Result<(), String> {
         let g = &self.graph;
         let (owned, locals) = (g.owned() as u32, g.locals() as u32);
         if self.index as usize >= parts {
@@ -230,11 +243,11 @@ impl OwnedPart {
                 return Err(format!("mirror for partition {} names a vertex that is not owned", m.reader));
             }
         }
-        match (&self.features, appnp) {
+        match (&self.features, features) {
             (Some(x), true) if x.len() == g.owned() * width => Ok(()),
             (Some(x), true) => Err(format!("features hold {} values, expected {} rows × {width}", x.len(), g.owned())),
             (None, true) => Err("appnp partition without features".into()),
-            (Some(_), false) => Err("features sent for a kernel that takes none".into()),
+            (Some(_), false) => Err("features sent for a kernel that takes none from the frame".into()),
             (None, false) => Ok(()),
         }
     }
