@@ -721,32 +721,32 @@ async fn store_checkpoints(
         let step = c.step;
         let parts = c.parts.len();
         let t = std::time::Instant::now();
-        let written = shared
-            .workers
-            .run(0, move || -> Result<(), String> {
-                let io = |e: std::io::Error| format!("{}: {e}", dir.display());
-                std::fs::create_dir_all(&dir).map_err(io)?;
-                for (i, part) in c.parts.iter().enumerate() {
-                    write_npy(dir.join(format!("p{i}.values.npy")), &[part.values.len()], &part.values)
-                        .map_err(|e| e.to_string())?;
-                    write_npy(dir.join(format!("p{i}.aux.npy")), &[part.aux.len()], &part.aux)
-                        .map_err(|e| e.to_string())?;
-                }
-                let meta = serde_json::json!({
-                    "step": c.step,
-                    "mass": c.partials.mass.0.to_string(),
-                    "residual_bits": c.partials.residual.to_bits(),
-                    "partitions": c.parts.len(),
-                });
-                let tmp = dir.join("meta.json.part");
-                std::fs::write(&tmp, meta.to_string()).map_err(io)?;
-                std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-                std::fs::rename(&tmp, dir.join("meta.json")).map_err(io)?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+        // File I/O on the blocking pool, not on a compute worker: writing an APPNP checkpoint
+        // (hundreds of MB at disk speed) there would stall the local partition's supersteps.
+        let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+            std::fs::create_dir_all(&dir).map_err(io)?;
+            for (i, part) in c.parts.iter().enumerate() {
+                write_npy(dir.join(format!("p{i}.values.npy")), &[part.values.len()], &part.values)
+                    .map_err(|e| e.to_string())?;
+                write_npy(dir.join(format!("p{i}.aux.npy")), &[part.aux.len()], &part.aux)
+                    .map_err(|e| e.to_string())?;
+            }
+            let meta = serde_json::json!({
+                "step": c.step,
+                "mass": c.partials.mass.0.to_string(),
+                "residual_bits": c.partials.residual.to_bits(),
+                "partitions": c.parts.len(),
+            });
+            let tmp = dir.join("meta.json.part");
+            std::fs::write(&tmp, meta.to_string()).map_err(io)?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+            std::fs::rename(&tmp, dir.join("meta.json")).map_err(io)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
         if let Err(e) = written {
             tracing::warn!(job, step, error = %e, "checkpoint not written; the job goes on without it");
             continue;
