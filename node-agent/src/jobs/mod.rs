@@ -10,8 +10,9 @@
 //!   barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
 //!   whether to stop exactly as [`run_partitioned`](quiver_compute::kernels::run_partitioned) does,
 //!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner sends its result rows, which the
-//!   master returns as one part per partition, in vertex order (never assembled into a copy). A partition whose owner is the master's own node runs in
-//!   the same process over channels: no stream, no copy of the partition.
+//!   master returns as one part per partition, in vertex order (never assembled into a copy). A
+//!   partition whose owner is the master's own node runs in the same process over channels: no
+//!   stream, no copy of the partition.
 //! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async
 //!   thread) and reports its partials to the master. On `Go(s + 1)` — every owner has computed
 //!   `s` — it first exchanges iterate `s`'s halos: it sends each reader exactly the values it
@@ -213,9 +214,8 @@ impl JobRuntime {
         j
     }
 
-    /// Hands a halo to the owner of `to` (on this node), whether or not it has started yet.
-    /// Puts a halo piece in partition `to`'s mailbox, waiting while it is full. False when the
-    /// piece cannot be delivered: its epoch is stale, the mailbox was dropped (the job ended
+    /// Puts a halo piece in the mailbox of partition `to` (on this node), whether or not its owner
+    /// has started yet, waiting while the mailbox is full. False when the piece cannot be delivered: its epoch is stale, the mailbox was dropped (the job ended
     /// here), or it stayed full for [`MAILBOX_WAIT`].
     async fn deliver(&self, key: JobKey, to: u32, halo: Halo) -> bool {
         if self.stale(key) {

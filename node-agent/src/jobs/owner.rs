@@ -175,8 +175,7 @@ pub(crate) async fn run_owner(
         KernelSpec::Appnp { alpha, normalization, dim, feature_seed } => {
             match owned_features(&rt, &part, dim, feature_seed).await {
                 Ok(features) => {
-                    let base = part.graph.first();
-                    let k = OwnedAppnp { alpha, normalization, dim, base, features };
+                    let k = OwnedAppnp { alpha, normalization, dim, base: part.graph.first(), features };
                     owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await
                 }
                 Err(e) => Err(e),

@@ -43,19 +43,16 @@ impl KernelSpec {
     /// The plan an owner receives.
     pub fn to_plan(&self, vertices: u64, owners: &[NodeId]) -> JobPlan {
         let owners = owners.iter().map(|n| n.0).collect();
-        let (kernel, coefficient, seeds, symmetric) = match self {
+        let (kernel, coefficient, seeds, symmetric, feature_seed) = match self {
             KernelSpec::PageRank(k) => match &k.teleport {
-                Teleport::Uniform { .. } => ("pagerank", k.damping, vec![], false),
-                Teleport::Seeds(s) => ("ppr", k.damping, s.clone(), false),
+                Teleport::Uniform { .. } => ("pagerank", k.damping, vec![], false, None),
+                Teleport::Seeds(s) => ("ppr", k.damping, s.clone(), false, None),
             },
-            KernelSpec::Heat(k) => ("heat", k.t, k.seeds.clone(), false),
-            KernelSpec::Appnp { alpha, normalization, .. } => {
-                ("appnp", f64::from(*alpha), vec![], *normalization == Normalization::Symmetric)
+            KernelSpec::Heat(k) => ("heat", k.t, k.seeds.clone(), false, None),
+            KernelSpec::Appnp { alpha, normalization, feature_seed, .. } => {
+                let symmetric = *normalization == Normalization::Symmetric;
+                ("appnp", f64::from(*alpha), vec![], symmetric, *feature_seed)
             }
-        };
-        let feature_seed = match self {
-            KernelSpec::Appnp { feature_seed, .. } => *feature_seed,
-            _ => None,
         };
         JobPlan {
             feature_seed,
