@@ -244,6 +244,33 @@ fn npy_written_in_parts_equals_npy_written_whole() {
     assert!(err.contains("does not hold"), "{err}");
 }
 
+/// A file written piece by piece is the one written whole, appears only when finished with every
+/// value, refuses values beyond its shape, and leaves nothing behind when abandoned.
+#[test]
+fn npy_writer_in_pieces_equals_npy_written_whole() {
+    let dir = Dir::new();
+    let m: Vec<f32> = (0..3 * 70_001).map(|i| i as f32 * 0.25).collect();
+    write_npy(dir.path("whole.npy"), &[70_001, 3], &m).unwrap();
+    let mut w = npy::NpyWriter::<f32>::create(dir.path("pieces.npy"), &[70_001, 3]).unwrap();
+    for piece in m.chunks(50_000) {
+        w.write(piece).unwrap();
+        assert!(!dir.path("pieces.npy").exists(), "the file appears only when finished");
+    }
+    assert_eq!(w.remaining(), 0);
+    let err = w.write(&[1.0]).unwrap_err().to_string();
+    assert!(err.contains("more than the shape's 210003 values"), "{err}");
+    w.finish(false).unwrap();
+    assert_eq!(std::fs::read(dir.path("pieces.npy")).unwrap(), std::fs::read(dir.path("whole.npy")).unwrap());
+
+    let mut short = npy::NpyWriter::<f32>::create(dir.path("short.npy"), &[4]).unwrap();
+    short.write(&[1.0, 2.0]).unwrap();
+    let err = short.finish(true).unwrap_err().to_string();
+    assert!(err.contains("2 of the shape's 4 values written"), "{err}");
+    drop(npy::NpyWriter::<f32>::create(dir.path("dropped.npy"), &[4]).unwrap());
+    let left: Vec<_> = std::fs::read_dir(dir.path("")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left.len(), 2, "only whole.npy and pieces.npy remain: {left:?}");
+}
+
 #[test]
 fn npy_golden_bytes_match_numpy() {
     // `np.save(f, np.array([1.0, 2.0], dtype='<f4'))` with numpy >= 1.21 (64-byte aligned header).

@@ -250,19 +250,33 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     out
 }
 
-/// SHA-256 of the file at `path`, read through a memory map (no copy of its bytes); refuses an
-/// empty file.
+/// SHA-256 of the file at `path`, read in 4 MiB pieces (its bytes never sit in this process's
+/// memory at once: a memory map would count the whole file, an APPNP checkpoint part or a graph,
+/// in the agent's resident set while it is hashed); refuses an empty file.
 pub fn sha256_file(path: &Path) -> Result<[u8; 32], String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: not readable on this node: {e}", path.display()))?;
-    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
-    if len == 0 {
+    use std::io::Read;
+    let mut file =
+        std::fs::File::open(path).map_err(|e| format!("{}: not readable on this node: {e}", path.display()))?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = vec![0u8; 4 << 20];
+    let mut total = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                ctx.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        }
+    }
+    if total == 0 {
         return Err(format!("{}: the file is empty", path.display()));
     }
-    // SAFETY: the map is read-only and dropped before returning. As with every mapped graph
-    // file, the caller's contract is that nobody truncates the file while it is read.
-    let map =
-        unsafe { memmap2::MmapOptions::new().populate().map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
-    Ok(sha256(&map))
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    Ok(out)
 }
 
 /// Lowercase hex of a digest.

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use quiver_compute::kernels::{self, Algorithm, Normalization, Params, Stop};
 use quiver_compute::{Csr, Segment, generate};
-use quiver_node_agent::jobs::{Checkpoint, JobKey, JobRuntime, KernelSpec, MasterJob, MasterOutput, run_master};
+use quiver_node_agent::jobs::{
+    Checkpoint, CheckpointOut, JobKey, JobRuntime, KernelSpec, MasterJob, MasterOutput, MemorySink, run_master,
+};
 use quiver_node_agent::transport::*;
 use quiver_node_agent::workers::{Topology, Workers};
 
@@ -107,13 +109,17 @@ async fn run_to_end(rt: &Arc<JobRuntime>, mj: &MasterJob, checkpoints: bool) -> 
     let mut errors = Vec::new();
     for _ in 0..3 {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let sink = MemorySink::default();
+        let out = CheckpointOut { sink: Arc::new(sink.clone()), taken: tx };
         let mut steps = 0;
-        let run = run_master(rt.clone(), mj.clone(), checkpoints.then_some(tx), |_| steps += 1);
+        let run = run_master(rt.clone(), mj.clone(), checkpoints.then_some(out), |_| steps += 1);
         match tokio::time::timeout(DEADLINE, run).await.expect("the job ends in time") {
             Ok(out) => {
                 let mut taken = Vec::new();
                 while let Ok(c) = rx.try_recv() {
-                    taken.push(c);
+                    taken.push(
+                        sink.checkpoint(&c, mj.owners.len()).expect("every part of a taken checkpoint is stored"),
+                    );
                 }
                 return (out, taken, steps);
             }

@@ -55,7 +55,7 @@ pub mod npy;
 pub mod qcsr;
 mod text;
 
-pub use npy::{NpyArray, NpyElement, read_npy, write_npy, write_npy_parts};
+pub use npy::{NpyArray, NpyElement, NpyWriter, read_npy, write_npy, write_npy_parts};
 
 impl Format {
     /// Guesses the format of a file from its first bytes: the `.qcsr` magic, a Matrix Market
@@ -326,20 +326,60 @@ pub(crate) fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut io::BufWriter<File>) -> io::Result<()>,
 ) -> Result<(), LoadError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let file = File::create(&tmp)?;
-        let mut w = io::BufWriter::with_capacity(1 << 20, file);
-        write(&mut w)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(LoadError::io(path, e));
+    let mut file = AtomicFile::create(path)?;
+    write(file.writer()).map_err(|e| LoadError::io(path, e))?;
+    file.commit(true)
+}
+
+/// A file written under a temporary name beside `path` and renamed into place by
+/// [`AtomicFile::commit`]; dropped uncommitted, it removes the temporary file.
+pub(crate) struct AtomicFile {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    w: Option<io::BufWriter<File>>,
+}
+
+impl AtomicFile {
+    pub(crate) fn create(path: &Path) -> Result<Self, LoadError> {
+        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| LoadError::io(path, e))?;
+        Ok(Self { path: path.to_path_buf(), tmp, w: Some(io::BufWriter::with_capacity(1 << 20, file)) })
     }
-    Ok(())
+
+    /// The final name.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn writer(&mut self) -> &mut io::BufWriter<File> {
+        self.w.as_mut().expect("an uncommitted file has its writer")
+    }
+
+    /// Flushes, syncs the data when `sync` (otherwise the caller syncs the file later, before
+    /// anything relies on it being on disk), and renames the file into place.
+    pub(crate) fn commit(mut self, sync: bool) -> Result<(), LoadError> {
+        let w = self.w.take().expect("an uncommitted file has its writer");
+        let result = (|| {
+            let file = w.into_inner().map_err(|e| e.into_error())?;
+            if sync {
+                file.sync_data()?;
+            }
+            std::fs::rename(&self.tmp, &self.path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result.map_err(|e| LoadError::io(&self.path, e))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        // Committed files were renamed away; anything else is an abandoned temporary.
+        if self.w.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }

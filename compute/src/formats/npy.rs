@@ -16,7 +16,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::{LoadError, map_file, write_atomically};
+use super::{AtomicFile, LoadError, map_file};
 use crate::buf::{AlignedBytes, Pod, SEGMENT_ALIGN, Segment};
 
 const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -77,25 +77,81 @@ pub fn write_npy_parts<T: NpyElement>(
     parts: &[&[T]],
 ) -> Result<(), LoadError> {
     let path = path.as_ref();
-    if cfg!(target_endian = "big") {
-        return Err(npy_err(path, "writing .npy needs a little-endian host"));
-    }
-    if !(1..=2).contains(&shape.len()) {
-        return Err(npy_err(path, format!("shape {shape:?} has {} dimensions; expected 1 or 2", shape.len())));
-    }
     let len: usize = parts.iter().map(|p| p.len()).sum();
     if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(len) {
         return Err(npy_err(path, format!("shape {shape:?} does not hold {len} values")));
     }
-    write_atomically(path, |w| write_npy_parts_to(w, shape, parts))
+    let mut w = NpyWriter::create(path, shape)?;
+    for p in parts {
+        w.write(p)?;
+    }
+    w.finish(true)
 }
 
 /// Writes a `.npy` image to any writer (the shape must hold exactly `data.len()` values).
 pub fn write_npy_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], data: &[T]) -> std::io::Result<()> {
-    write_npy_parts_to(w, shape, &[data])
+    write_header::<T>(w, shape)?;
+    write_values(w, data)
 }
 
-fn write_npy_parts_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], parts: &[&[T]]) -> std::io::Result<()> {
+/// A `.npy` file written piece by piece, so its values never need to be in memory at once (a
+/// checkpoint part arriving from the network): the header when created, the values as they come,
+/// and the file appears under its name only once [`NpyWriter::finish`] finds exactly the shape's
+/// count written. Dropped unfinished, it leaves nothing behind.
+pub struct NpyWriter<T> {
+    file: AtomicFile,
+    want: usize,
+    written: usize,
+    _element: std::marker::PhantomData<T>,
+}
+
+impl<T: NpyElement> NpyWriter<T> {
+    /// Creates the file (under a temporary name) and writes the header of `shape`.
+    pub fn create(path: impl AsRef<Path>, shape: &[usize]) -> Result<Self, LoadError> {
+        let path = path.as_ref();
+        if cfg!(target_endian = "big") {
+            return Err(npy_err(path, "writing .npy needs a little-endian host"));
+        }
+        if !(1..=2).contains(&shape.len()) {
+            return Err(npy_err(path, format!("shape {shape:?} has {} dimensions; expected 1 or 2", shape.len())));
+        }
+        let want = shape
+            .iter()
+            .try_fold(1usize, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| npy_err(path, format!("shape {shape:?} holds more values than this host can count")))?;
+        let mut file = AtomicFile::create(path)?;
+        write_header::<T>(file.writer(), shape).map_err(|e| LoadError::io(path, e))?;
+        Ok(Self { file, want, written: 0, _element: std::marker::PhantomData })
+    }
+
+    /// Appends values; refuses any beyond the shape's count.
+    pub fn write(&mut self, values: &[T]) -> Result<(), LoadError> {
+        if self.written + values.len() > self.want {
+            let path = self.file.path().to_path_buf();
+            return Err(npy_err(&path, format!("more than the shape's {} values written", self.want)));
+        }
+        write_values(self.file.writer(), values).map_err(|e| LoadError::io(self.file.path(), e))?;
+        self.written += values.len();
+        Ok(())
+    }
+
+    /// Values still to come.
+    pub fn remaining(&self) -> usize {
+        self.want - self.written
+    }
+
+    /// Puts the file in place once every value is written; with `sync`, on disk first (without,
+    /// the caller must sync it before relying on it).
+    pub fn finish(self, sync: bool) -> Result<(), LoadError> {
+        if self.written != self.want {
+            let path = self.file.path().to_path_buf();
+            return Err(npy_err(&path, format!("{} of the shape's {} values written", self.written, self.want)));
+        }
+        self.file.commit(sync)
+    }
+}
+
+fn write_header<T: NpyElement>(w: &mut impl Write, shape: &[usize]) -> std::io::Result<()> {
     let dims = match shape {
         [n] => format!("({n},)"),
         _ => format!("({})", shape.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")),
@@ -113,10 +169,13 @@ fn write_npy_parts_to<T: NpyElement>(w: &mut impl Write, shape: &[usize], parts:
     } else {
         w.write_all(&(dict.len() as u32).to_le_bytes())?;
     }
-    w.write_all(dict.as_bytes())?;
-    // Values are copied to little-endian bytes through a small aligned buffer at a time, so
-    // writing a large feature matrix never holds a second copy of it.
-    for chunk in parts.iter().flat_map(|p| p.chunks(1 << 16)) {
+    w.write_all(dict.as_bytes())
+}
+
+/// Values as little-endian bytes, through a small aligned buffer at a time, so writing a large
+/// feature matrix never holds a second copy of it.
+fn write_values<T: NpyElement>(w: &mut impl Write, values: &[T]) -> std::io::Result<()> {
+    for chunk in values.chunks(1 << 16) {
         w.write_all(Segment::from_slice(chunk).as_bytes())?;
     }
     Ok(())

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prost::Message as _;
-use quiver_compute::formats::{read_npy, write_npy, write_npy_parts};
+use quiver_compute::formats::{NpyWriter, read_npy, write_npy_parts};
 use quiver_compute::kernels::superstep::{ExactSum, Partials};
 use quiver_compute::kernels::{self, Algorithm, Built, KernelError, Normalization, Params, Stop};
 use quiver_compute::{Csr, Format, ReadOptions, Segment, read_graph_as};
@@ -37,7 +37,8 @@ use quiver_coordinator::scheduler::{SpeedModel, place_job};
 use quiver_coordinator::state::{Job as CoreJob, JobState as CoreJobState, Liveness, PartitionShape};
 use quiver_coordinator::{Command, Op, Outcome, RequestId};
 use quiver_node_agent::jobs::{
-    Checkpoint, JobKey, JobRuntime, KernelSpec, MasterError, MasterJob, Snapshot, run_master,
+    Checkpoint, CheckpointOut, CheckpointSink, CheckpointTaken, JobKey, JobRuntime, KernelSpec, MasterError, MasterJob,
+    PartSink, Snapshot, run_master,
 };
 use quiver_node_agent::transport::NodeId;
 use quiver_proto::control::{GraphFormat, JobProgress, JobSpec, JobState, Kernel, KernelParams};
@@ -519,8 +520,13 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
     host.progress.insert(job.id, ptx.clone());
     let started = std::time::Instant::now();
     let (ctx, crx) = tokio::sync::mpsc::unbounded_channel();
+    let checkpoints = CheckpointOut {
+        sink: Arc::new(CheckpointFiles { data_dir: shared.data_dir.clone(), job: job.id }),
+        taken: ctx,
+    };
     let files = JobFiles::of(&shared, &spec, &job.graph_digest).map(Arc::new);
-    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, files.clone().ok(), crx));
+    let parts = job.assignment.len();
+    let store = tokio::spawn(store_checkpoints(shared.clone(), job.id, job.epoch, parts, files.clone().ok(), crx));
     let run = async {
         let files = files.map_err(fatal)?;
         let g = host.graph(&shared, &spec, &files.graph, job.graph_digest).await.map_err(fatal)?;
@@ -562,7 +568,7 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
             checkpoint_seconds: CHECKPOINT_SECONDS,
             resume,
         };
-        let out = run_master(host.runtime.clone(), mj, Some(ctx), |r| {
+        let out = run_master(host.runtime.clone(), mj, Some(checkpoints), |r| {
             metrics::counter!("quiver_job_supersteps_total").increment(1);
             ptx.send_replace(progress_of(&job, JobState::Running, u64::from(r.step), f64::from(r.residual)));
         })
@@ -697,46 +703,85 @@ impl JobFiles {
     }
 }
 
-fn checkpoint_dir(shared: &Shared, job: u64, step: u32) -> PathBuf {
-    shared.data_dir.join("checkpoints").join(job.to_string()).join(step.to_string())
+fn checkpoint_dir(data_dir: &Path, job: u64, step: u32) -> PathBuf {
+    data_dir.join("checkpoints").join(job.to_string()).join(step.to_string())
 }
 
-/// Writes each checkpoint to `DATA_DIR/checkpoints/JOB/STEP/` (one `.npy` per partition's values
-/// and private state, then `meta.json` last, atomically: a directory without it is incomplete),
-/// copies it to the job's other holders (`meta.json` last there too), records it through Raft,
-/// and removes the job's older checkpoints.
+/// The master's checkpoint sink: each partition's part goes straight into
+/// `DATA_DIR/checkpoints/JOB/STEP/pI.values.npy` and `pI.aux.npy` as it arrives (a remote
+/// owner's in pieces), so a checkpoint never sits whole in the agent's memory. The files are not
+/// synced here, on the job's critical path: [`store_checkpoints`] syncs them before it writes
+/// `meta.json`, which alone makes the checkpoint complete.
+struct CheckpointFiles {
+    data_dir: PathBuf,
+    job: u64,
+}
+
+impl CheckpointSink for CheckpointFiles {
+    fn begin(&self, step: u32, partition: u32, values: usize) -> Result<Box<dyn PartSink>, String> {
+        let dir = checkpoint_dir(&self.data_dir, self.job, step);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let writer =
+            NpyWriter::create(dir.join(format!("p{partition}.values.npy")), &[values]).map_err(|e| e.to_string())?;
+        Ok(Box::new(CheckpointPart { aux: dir.join(format!("p{partition}.aux.npy")), values: writer }))
+    }
+}
+
+struct CheckpointPart {
+    values: NpyWriter<f32>,
+    aux: PathBuf,
+}
+
+impl PartSink for CheckpointPart {
+    fn values(&mut self, values: &[f32]) -> Result<(), String> {
+        self.values.write(values).map_err(|e| e.to_string())
+    }
+
+    fn finish(self: Box<Self>, aux: &[f32]) -> Result<(), String> {
+        self.values.finish(false).map_err(|e| e.to_string())?;
+        let mut w = NpyWriter::create(&self.aux, &[aux.len()]).map_err(|e| e.to_string())?;
+        w.write(aux).map_err(|e| e.to_string())?;
+        w.finish(false).map_err(|e| e.to_string())
+    }
+}
+
+/// Completes each checkpoint whose parts the master has put in `DATA_DIR/checkpoints/JOB/STEP/`
+/// ([`CheckpointFiles`]): syncs them, writes `meta.json` last, atomically (a directory without
+/// it is incomplete), copies the checkpoint to the job's other holders (`meta.json` last there
+/// too), records it through Raft, and removes the job's older checkpoints.
 async fn store_checkpoints(
     shared: Shared,
     job: u64,
     epoch: u64,
+    parts: usize,
     files: Option<Arc<JobFiles>>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Checkpoint>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<CheckpointTaken>,
 ) {
     // Whether a second holder was sought for a job that had one holder (once per epoch).
     let mut sought = false;
     // Whether the last checkpoint found no other holder (warned once, not every checkpoint).
     let mut alone = false;
     while let Some(c) = rx.recv().await {
-        let dir = checkpoint_dir(&shared, job, c.step);
+        let dir = checkpoint_dir(&shared.data_dir, job, c.step);
         let step = c.step;
-        let parts = c.parts.len();
         let t = std::time::Instant::now();
-        // File I/O on the blocking pool, not on a compute worker: writing an APPNP checkpoint
+        // File I/O on the blocking pool, not on a compute worker: syncing an APPNP checkpoint
         // (hundreds of MB at disk speed) there would stall the local partition's supersteps.
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let io = |e: std::io::Error| format!("{}: {e}", dir.display());
-            std::fs::create_dir_all(&dir).map_err(io)?;
-            for (i, part) in c.parts.iter().enumerate() {
-                write_npy(dir.join(format!("p{i}.values.npy")), &[part.values.len()], &part.values)
-                    .map_err(|e| e.to_string())?;
-                write_npy(dir.join(format!("p{i}.aux.npy")), &[part.aux.len()], &part.aux)
-                    .map_err(|e| e.to_string())?;
+            for i in 0..parts {
+                for f in [format!("p{i}.values.npy"), format!("p{i}.aux.npy")] {
+                    let path = dir.join(f);
+                    std::fs::File::open(&path)
+                        .and_then(|f| f.sync_all())
+                        .map_err(|e| format!("{}: {e}", path.display()))?;
+                }
             }
             let meta = serde_json::json!({
                 "step": c.step,
                 "mass": c.partials.mass.0.to_string(),
                 "residual_bits": c.partials.residual.to_bits(),
-                "partitions": c.parts.len(),
+                "partitions": parts,
             });
             let tmp = dir.join("meta.json.part");
             std::fs::write(&tmp, meta.to_string()).map_err(io)?;
@@ -792,7 +837,7 @@ async fn store_checkpoints(
 /// The checkpoint after `step`, if it is complete on this node's disk.
 async fn load_checkpoint(shared: &Shared, job: u64, step: u64, parts: usize) -> Option<Checkpoint> {
     let step = u32::try_from(step).ok()?;
-    let dir = checkpoint_dir(shared, job, step);
+    let dir = checkpoint_dir(&shared.data_dir, job, step);
     let loaded = shared
         .workers
         .run(0, move || -> Result<Checkpoint, String> {

@@ -13,12 +13,13 @@
 //! Because the snapshot holds the exact iterate and the partials are exact, the resumed run
 //! produces the undisturbed run's bits.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use quiver_compute::kernels::Stop;
 use quiver_compute::kernels::superstep::{Globals, Partials};
-use quiver_compute::{Csr, Segment};
+use quiver_compute::{AlignedBytes, Csr, Segment};
 use quiver_proto::peer::{JobMessage, JobPlan, StepGo, StreamHeader, StreamKind, job_message};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -26,7 +27,7 @@ use tokio::task::JoinSet;
 use super::owner::{Rows, Snapshot, ToMaster, ToOwner, run_owner};
 use super::wire::{OwnedPart, partials_from_wire};
 use super::{JobKey, JobRuntime, KernelSpec};
-use crate::transport::NodeId;
+use crate::transport::{NodeId, PeerRecvStream};
 
 /// Everything a master needs to run one epoch of a job.
 #[derive(Debug, Clone)]
@@ -57,6 +58,156 @@ pub struct Checkpoint {
     pub partials: Partials,
     /// By partition index.
     pub parts: Vec<Snapshot>,
+}
+
+/// A checkpoint whose every part is in the [`CheckpointSink`]: the iterate after `step` and its
+/// combined partials (the parts themselves are the sink's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CheckpointTaken {
+    pub step: u32,
+    pub partials: Partials,
+}
+
+/// Where a master's checkpoints go: each part into `sink` as it arrives, then a note on `taken`.
+#[derive(Clone)]
+pub struct CheckpointOut {
+    pub sink: Arc<dyn CheckpointSink>,
+    pub taken: mpsc::UnboundedSender<CheckpointTaken>,
+}
+
+/// Where a master puts each partition's part of a checkpoint as it arrives, so that no part sits
+/// whole in the master's memory: a remote owner's part comes in pieces, each stored before the
+/// next is read (QUIC flow control holds the owner back meanwhile). The agent writes files in its
+/// data directory; [`MemorySink`] keeps parts in memory. The methods may block (file I/O): the
+/// master calls them on tokio's blocking pool.
+pub trait CheckpointSink: Send + Sync + 'static {
+    /// Starts partition `partition`'s part of the checkpoint after `step`: `values` owned values
+    /// follow, in order.
+    fn begin(&self, step: u32, partition: u32, values: usize) -> Result<Box<dyn PartSink>, String>;
+}
+
+/// One partition's part of a checkpoint on its way into a [`CheckpointSink`].
+pub trait PartSink: Send {
+    /// The next owned values, in order.
+    fn values(&mut self, values: &[f32]) -> Result<(), String>;
+    /// The kernel's private state, after the last value; completes the part.
+    fn finish(self: Box<Self>, aux: &[f32]) -> Result<(), String>;
+}
+
+/// A [`CheckpointSink`] that keeps every part in memory, for tests and for embedders without a
+/// disk; [`MemorySink::checkpoint`] turns a taken checkpoint back into one a master can resume.
+#[derive(Debug, Default, Clone)]
+pub struct MemorySink {
+    parts: Arc<Mutex<HashMap<(u32, u32), Snapshot>>>,
+}
+
+impl MemorySink {
+    /// The checkpoint `taken` describes, if all its `partitions` parts are here.
+    pub fn checkpoint(&self, taken: &CheckpointTaken, partitions: usize) -> Option<Checkpoint> {
+        let parts = self.parts.lock().unwrap_or_else(|e| e.into_inner());
+        let parts = (0..partitions as u32).map(|p| parts.get(&(taken.step, p)).cloned()).collect::<Option<_>>()?;
+        Some(Checkpoint { step: taken.step, partials: taken.partials, parts })
+    }
+}
+
+impl CheckpointSink for MemorySink {
+    fn begin(&self, step: u32, partition: u32, values: usize) -> Result<Box<dyn PartSink>, String> {
+        let part = MemoryPart { parts: self.parts.clone(), key: (step, partition), values: Vec::with_capacity(values) };
+        Ok(Box::new(part))
+    }
+}
+
+struct MemoryPart {
+    parts: Arc<Mutex<HashMap<(u32, u32), Snapshot>>>,
+    key: (u32, u32),
+    values: Vec<f32>,
+}
+
+impl PartSink for MemoryPart {
+    fn values(&mut self, values: &[f32]) -> Result<(), String> {
+        self.values.extend_from_slice(values);
+        Ok(())
+    }
+
+    fn finish(self: Box<Self>, aux: &[f32]) -> Result<(), String> {
+        let snapshot = Snapshot { values: Segment::from_floats(self.values), aux: Segment::from_slice(aux) };
+        self.parts.lock().unwrap_or_else(|e| e.into_inner()).insert(self.key, snapshot);
+        Ok(())
+    }
+}
+
+/// Stores a snapshot held in memory (the master's own partition) through `sink`, off the async
+/// threads; the snapshot's memory is freed once stored.
+async fn store_snapshot(
+    sink: &Arc<dyn CheckpointSink>,
+    step: u32,
+    partition: u32,
+    snapshot: Snapshot,
+) -> Result<(), String> {
+    let sink = sink.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut part = sink.begin(step, partition, snapshot.values.len())?;
+        part.values(&snapshot.values)?;
+        part.finish(&snapshot.aux)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// Receives a remote owner's snapshot of `step` in pieces (the owner's side is in `owner.rs`:
+/// frames of one `values` segment each, in order, then one `aux` frame marked last) and stores
+/// each piece through `sink` before reading the next, so at most one piece is in memory.
+/// `values` is the partition's owned value count; private state may hold at most as many.
+async fn receive_snapshot(
+    recv: &mut PeerRecvStream,
+    sink: &Arc<dyn CheckpointSink>,
+    step: u32,
+    partition: u32,
+    values: usize,
+) -> Result<(), ToMaster> {
+    let failed = |e: String| ToMaster::Failed(format!("snapshot of superstep {step}: {e}"));
+    let sink2 = sink.clone();
+    let mut part = tokio::task::spawn_blocking(move || sink2.begin(step, partition, values))
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)?;
+    let (mut received, mut reuse): (usize, Option<AlignedBytes>) = (0, None);
+    loop {
+        let frame = recv
+            .recv_frame_into(reuse.take())
+            .await
+            .map_err(|e| ToMaster::Lost(e.to_string()))?
+            .ok_or_else(|| ToMaster::Lost(format!("the stream ended inside superstep {step}'s snapshot")))?;
+        if frame.segment_count() != 1 {
+            return Err(failed(format!("a piece with {} segments, expected one", frame.segment_count())));
+        }
+        let name = frame.segment_name(0).unwrap_or_default().to_string();
+        let piece = frame.segment::<f32>(0).map_err(|e| failed(e.to_string()))?;
+        let last = frame.header.last;
+        match (name.as_str(), last) {
+            ("values", false) if received + piece.len() <= values => received += piece.len(),
+            ("values", _) => {
+                return Err(failed(format!("more than the partition's {values} values, or values marked last")));
+            }
+            ("aux", true) if received == values && piece.len() <= values => {}
+            ("aux", _) => {
+                return Err(failed(format!("private state after {received} of {values} values, or too long")));
+            }
+            _ => return Err(failed(format!("a piece named {name:?}"))),
+        }
+        let (back, frame) = tokio::task::spawn_blocking(move || {
+            let done = if last { part.finish(&piece).map(|()| None) } else { part.values(&piece).map(|()| Some(part)) };
+            drop(piece);
+            (done, frame)
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+        match back.map_err(failed)? {
+            Some(p) => part = p,
+            None => return Ok(()),
+        }
+        reuse = frame.reclaim();
+    }
 }
 
 /// Progress after one superstep.
@@ -115,7 +266,7 @@ impl MasterError {
 pub async fn run_master(
     rt: Arc<JobRuntime>,
     mut job: MasterJob,
-    checkpoints: Option<mpsc::UnboundedSender<Checkpoint>>,
+    checkpoints: Option<CheckpointOut>,
     mut report: impl FnMut(StepReport) + Send,
 ) -> Result<MasterOutput, MasterError> {
     let started = Instant::now();
@@ -171,7 +322,15 @@ pub async fn run_master(
         if node == me {
             links.spawn(run_owner(rt.clone(), job.key, part, kernel, owners, resume, orx, tx.clone()));
         } else {
-            let link = RemoteLink { rt: rt.clone(), key: job.key, node, digest: job.graph_digest, plan: plan.clone() };
+            let link = RemoteLink {
+                rt: rt.clone(),
+                key: job.key,
+                node,
+                digest: job.graph_digest,
+                plan: plan.clone(),
+                sink: checkpoints.as_ref().map(|c| c.sink.clone()),
+                values: p.graph.owned() * width,
+            };
             links.spawn(link.run(part, resume, orx, tx.clone()));
         }
     }
@@ -183,10 +342,10 @@ pub async fn run_master(
 
     let (mut iterations, mut residual, mut partials) = match &job.resume {
         Some(r) => {
-            collect(&mut rx, r.step, count, &job.owners, false).await?;
+            collect(&mut rx, r.step, &job.owners, None).await?;
             (r.step, r.partials.residual, r.partials)
         }
-        None => (0, f32::INFINITY, collect(&mut rx, 0, count, &job.owners, false).await?.partials),
+        None => (0, f32::INFINITY, collect(&mut rx, 0, &job.owners, None).await?.partials),
     };
     tracing::info!(
         job = job.key.job,
@@ -209,15 +368,16 @@ pub async fn run_master(
             let _ = o.send(ToOwner::Go { step, mass: globals.mass, checkpoint });
         }
         let t = Instant::now();
-        let got = collect(&mut rx, step, count, &job.owners, checkpoint).await?;
+        let sink = checkpoint.then(|| checkpoints.as_ref().map(|c| &c.sink)).flatten();
+        let got = collect(&mut rx, step, &job.owners, sink).await?;
         since_checkpoint += t.elapsed().as_secs_f64();
         slowest_sum += got.slowest;
         partials = got.partials;
         iterations = step;
         residual = partials.residual;
-        if let (Some(c), Some(parts)) = (&checkpoints, got.snapshots) {
+        if let (Some(c), true) = (&checkpoints, got.stored) {
             since_checkpoint = 0.0;
-            let _ = c.send(Checkpoint { step, partials, parts });
+            let _ = c.taken.send(CheckpointTaken { step, partials });
         }
         report(StepReport {
             step,
@@ -283,7 +443,7 @@ fn unexpected(p: u32, msg: ToMaster, owners: &[NodeId], when: &str) -> MasterErr
         ToMaster::Failed(reason) => MasterError::fatal(format!("{at}: {reason}")),
         ToMaster::Lost(reason) => lost(format!("{at}: {reason}")),
         ToMaster::Partials { step, .. } => MasterError::fatal(format!("{at} reported superstep {step} {when}")),
-        ToMaster::Snapshot { step, .. } => {
+        ToMaster::Snapshot { step, .. } | ToMaster::SnapshotStored { step } => {
             MasterError::fatal(format!("{at} sent a snapshot of superstep {step} {when}"))
         }
         ToMaster::Result(_) => MasterError::fatal(format!("{at} sent its result {when}")),
@@ -294,24 +454,35 @@ fn unexpected(p: u32, msg: ToMaster, owners: &[NodeId], when: &str) -> MasterErr
 struct Collected {
     partials: Partials,
     slowest: f64,
-    snapshots: Option<Vec<Snapshot>>,
+    /// Every partition's snapshot is in the sink.
+    stored: bool,
 }
 
-/// Waits for every partition's partials of `step` (and its snapshot when `snapshots`).
+/// Waits for every partition's partials of `step` and, when `sink` is given (a checkpoint), for
+/// its snapshot to be stored there: the local owner's arrives in memory and is stored here,
+/// remote owners' are stored by their links as they arrive.
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<(u32, ToMaster)>,
     step: u32,
-    count: usize,
     owners: &[NodeId],
-    snapshots: bool,
+    sink: Option<&Arc<dyn CheckpointSink>>,
 ) -> Result<Collected, MasterError> {
+    let count = owners.len();
     let mut seen = vec![false; count];
-    let mut snaps: Vec<Option<Snapshot>> = (0..count).map(|_| None).collect();
+    let mut stored = vec![false; count];
     let (mut combined, mut slowest) = (Partials::default(), 0f64);
-    let mut missing = if snapshots { 2 * count } else { count };
+    let mut missing = if sink.is_some() { 2 * count } else { count };
     while missing > 0 {
         let Some((p, msg)) = rx.recv().await else {
             return Err(lost("every partition link closed mid-job"));
+        };
+        let mut snapshot_stored = |p: u32| match stored.get_mut(p as usize).filter(|s| !**s) {
+            Some(slot) => {
+                *slot = true;
+                missing -= 1;
+                Ok(())
+            }
+            None => Err(MasterError::fatal(format!("partition {p} sent superstep {step}'s snapshot twice"))),
         };
         match msg {
             ToMaster::Partials { step: s, partials, compute_seconds } if s == step => {
@@ -323,18 +494,20 @@ async fn collect(
                 combined = combined.combine(partials);
                 slowest = slowest.max(compute_seconds);
             }
-            ToMaster::Snapshot { step: s, snapshot } if s == step && snapshots => {
-                let Some(slot) = snaps.get_mut(p as usize).filter(|s| s.is_none()) else {
-                    return Err(MasterError::fatal(format!("partition {p} sent superstep {step}'s snapshot twice")));
-                };
-                *slot = Some(snapshot);
-                missing -= 1;
+            ToMaster::Snapshot { step: s, snapshot }
+                if s == step
+                    && let Some(sink) = sink =>
+            {
+                snapshot_stored(p)?;
+                store_snapshot(sink, step, p, snapshot).await.map_err(|e| {
+                    MasterError::fatal(format!("storing partition {p}'s snapshot of superstep {step}: {e}"))
+                })?;
             }
+            ToMaster::SnapshotStored { step: s } if s == step && sink.is_some() => snapshot_stored(p)?,
             other => return Err(unexpected(p, other, owners, &format!("while the job is at superstep {step}"))),
         }
     }
-    let snapshots = snapshots.then(|| snaps.into_iter().flatten().collect());
-    Ok(Collected { partials: combined, slowest, snapshots })
+    Ok(Collected { partials: combined, slowest, stored: sink.is_some() })
 }
 
 /// Carries one partition to a remote owner and relays messages both ways. Anything that goes
@@ -345,6 +518,10 @@ struct RemoteLink {
     node: NodeId,
     digest: [u8; 32],
     plan: JobPlan,
+    /// Where checkpoint snapshots go (none: the job takes no checkpoints).
+    sink: Option<Arc<dyn CheckpointSink>>,
+    /// The partition's owned value count (rows × width), what a snapshot holds.
+    values: usize,
 }
 
 impl RemoteLink {
@@ -382,6 +559,7 @@ impl RemoteLink {
             }
         };
         drop((part, resume));
+        let (sink, values) = (self.sink.clone(), self.values);
         let reader = {
             let tx = tx.clone();
             async move {
@@ -397,15 +575,11 @@ impl RemoteLink {
                             ToMaster::Partials { step, partials, compute_seconds }
                         }
                         Some(job_message::Body::SnapshotFollows(step)) => {
-                            let frame = recv
-                                .recv_frame()
-                                .await
-                                .map_err(|e| ToMaster::Lost(e.to_string()))?
-                                .ok_or_else(|| ToMaster::Lost("no snapshot frame".into()))?;
-                            ToMaster::Snapshot {
-                                step,
-                                snapshot: Snapshot::from_frame(&frame).map_err(ToMaster::Failed)?,
-                            }
+                            let Some(sink) = &sink else {
+                                return Err(ToMaster::Failed("a snapshot of a job without checkpoints".into()));
+                            };
+                            receive_snapshot(&mut recv, sink, step, p, values).await?;
+                            ToMaster::SnapshotStored { step }
                         }
                         Some(job_message::Body::ResultFollows(_)) => {
                             let frame = recv

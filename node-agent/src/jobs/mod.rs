@@ -33,6 +33,9 @@
 //!   are unpacked into place as they arrive and no whole halo is ever buffered on either side
 //!   (a sender keeps at most a few pieces per reader queued). A piece out of order, of another
 //!   superstep or too long is refused.
+//! - Checkpoint memory is bounded the same way: an owner sends its snapshot to the master in
+//!   pieces and the master stores each in its [`CheckpointSink`] before reading the next, so a
+//!   checkpoint never sits whole in the master's memory.
 //! - Every array index a kernel uses on a received partition is checked first ([`wire`]).
 
 pub mod master;
@@ -50,7 +53,10 @@ use tokio::task::AbortHandle;
 use crate::transport::{ErrorCode, InboundStream, NodeId, OutFrame, PeerSendStream, Transport};
 use crate::workers::Workers;
 
-pub use master::{Checkpoint, MasterError, MasterJob, MasterOutput, StepReport, run_master};
+pub use master::{
+    Checkpoint, CheckpointOut, CheckpointSink, CheckpointTaken, MasterError, MasterJob, MasterOutput, MemorySink,
+    PartSink, StepReport, run_master,
+};
 pub use owner::Snapshot;
 pub use wire::{KernelSpec, OwnedPart};
 

@@ -60,6 +60,11 @@ pub(crate) enum ToMaster {
         step: u32,
         snapshot: Snapshot,
     },
+    /// A remote owner's snapshot of `step` is in the master's checkpoint sink (sent by the
+    /// master's link, which stored it piece by piece).
+    SnapshotStored {
+        step: u32,
+    },
     Result(Rows),
     /// The owner gave up (a compute or protocol error: retrying the same input fails again).
     Failed(String),
@@ -74,7 +79,29 @@ pub struct Snapshot {
     pub aux: Segment<f32>,
 }
 
+/// Values per piece of a snapshot sent to the master (8 MiB): the master stores each piece
+/// before it reads the next, so a checkpoint costs it about one piece of memory per remote owner.
+const SNAPSHOT_PIECE_VALUES: usize = 2 << 20;
+
 impl Snapshot {
+    /// The frames a snapshot travels to the master in (no copy): `values` in pieces of at most
+    /// [`SNAPSHOT_PIECE_VALUES`], then `aux` in one frame marked last.
+    pub(crate) fn to_pieces(&self) -> Vec<OutFrame> {
+        let n = self.values.len();
+        let mut frames: Vec<OutFrame> = (0..n)
+            .step_by(SNAPSHOT_PIECE_VALUES)
+            .map(|a| {
+                let mut f = OutFrame::new(None);
+                f.push("values", &self.values.slice(a..(a + SNAPSHOT_PIECE_VALUES).min(n)));
+                f
+            })
+            .collect();
+        let mut aux = OutFrame::new(None);
+        aux.push("aux", &self.aux).set_last(true);
+        frames.push(aux);
+        frames
+    }
+
     /// As a frame with segments `values` and `aux` (no copy).
     pub(crate) fn to_frame(&self) -> OutFrame {
         let mut f = OutFrame::new(None);
@@ -568,11 +595,16 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                 }
                 Some((_, ToMaster::Snapshot { step, snapshot })) => {
                     let follows = JobMessage { body: Some(job_message::Body::SnapshotFollows(step)) };
-                    if send.send_message(&follows).await.is_err() || send.send_frame(&snapshot.to_frame()).await.is_err() {
+                    let mut sent = send.send_message(&follows).await.is_ok();
+                    for piece in snapshot.to_pieces() {
+                        sent = sent && send.send_frame(&piece).await.is_ok();
+                    }
+                    if !sent {
                         owner.abort();
                         break;
                     }
                 }
+                Some((_, ToMaster::SnapshotStored { .. })) => {}
                 Some((_, ToMaster::Lost(reason))) => {
                     tracing::warn!(job = key.job, partition = p, %reason, "partition lost a link");
                     let _ = send.send_message(&JobMessage { body: Some(job_message::Body::Lost(reason)) }).await;
@@ -595,4 +627,35 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
 
 fn abort(reason: &str) -> JobMessage {
     JobMessage { body: Some(job_message::Body::Abort(reason.to_string())) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A snapshot travels as its values in order, in pieces of at most the piece size, then its
+    /// private state in one frame marked last; nothing else is marked last.
+    #[test]
+    fn snapshot_pieces_cover_the_values_in_order_then_aux() {
+        for n in [0, 5, SNAPSHOT_PIECE_VALUES, 2 * SNAPSHOT_PIECE_VALUES + 3] {
+            let values: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            let snapshot = Snapshot { values: Segment::from_slice(&values), aux: Segment::from_slice(&[7.0, 8.0]) };
+            let pieces = snapshot.to_pieces();
+            assert_eq!(pieces.len(), n.div_ceil(SNAPSHOT_PIECE_VALUES) + 1);
+            let limits = crate::transport::Limits::default();
+            let (body, aux) = pieces.split_at(pieces.len() - 1);
+            let mut total = 0u64;
+            for p in body {
+                assert!(!p.header().last);
+                assert_eq!(p.header().segments.len(), 1);
+                assert_eq!(p.header().segments[0].name, "values");
+                let len = p.payload_len(&limits).unwrap();
+                assert!(len <= (SNAPSHOT_PIECE_VALUES * 4) as u64);
+                total += len;
+            }
+            assert_eq!(total, n as u64 * 4);
+            assert!(aux[0].header().last);
+            assert_eq!(aux[0].header().segments[0].name, "aux");
+        }
+    }
 }
