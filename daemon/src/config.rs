@@ -108,6 +108,12 @@ pub struct AgentArgs {
     /// Congestion control of the peer (QUIC) connections.
     #[arg(long, env = "QUIVER_CONGESTION", value_enum)]
     pub congestion: Option<CongestionControl>,
+    /// Kernel receive buffer to ask for on the peer (UDP) socket, in bytes (default: the kernel's,
+    /// 208 KiB on Linux). Larger buffers absorb bursts from many peers at once (a job's halo
+    /// exchange) without drops, but let one bulk transfer queue more ahead of heartbeats; Linux
+    /// caps it at net.core.rmem_max unless the agent has CAP_NET_ADMIN.
+    #[arg(long, env = "QUIVER_UDP_BUFFER", value_name = "BYTES")]
+    pub udp_buffer: Option<usize>,
     /// For chaos drills only: put the fault-injecting socket under the peer transport and serve
     /// `POST /chaos/net` (drop, delay, duplicate, reorder, partition) on the HTTP port. Costs
     /// UDP segmentation offload; never use it in production.
@@ -136,6 +142,7 @@ struct FileConfig {
     serve_queue_limit: Option<usize>,
     serve_forward_threshold: Option<usize>,
     congestion: Option<CongestionControl>,
+    udp_buffer: Option<usize>,
     fault_injection: Option<bool>,
 }
 
@@ -175,6 +182,8 @@ pub struct AgentConfig {
     pub serve_forward_threshold: Option<usize>,
     /// `--congestion`: the peer connections' congestion controller.
     pub congestion: CongestionControl,
+    /// `--udp-buffer`: the peer socket's receive buffer in bytes (0: the kernel's default).
+    pub udp_buffer: usize,
     /// `--fault-injection`: the chaos layer under the transport and its HTTP control.
     pub fault_injection: bool,
 }
@@ -311,6 +320,7 @@ impl AgentArgs {
             join_timeout: Duration::from_secs(join_timeout_secs),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             congestion: self.congestion.or(file.congestion).unwrap_or_default(),
+            udp_buffer: self.udp_buffer.or(file.udp_buffer).unwrap_or(0),
             fault_injection: self.fault_injection || file.fault_injection.unwrap_or(false),
         })
     }
@@ -379,6 +389,7 @@ mod tests {
         assert_eq!(c.tls_dir, PathBuf::from("quiver-data/tls"));
         assert_eq!(c.membership, Membership::Restart);
         assert_eq!(c.advertise_addr, "127.0.0.1:7400".parse().unwrap());
+        assert_eq!(c.udp_buffer, 0, "the kernel's socket buffer unless asked");
     }
 
     #[test]
@@ -388,6 +399,7 @@ mod tests {
         let c = with_file("grpc_addr = \"127.0.0.1:9999\"\nhttp_addr = \":9002\"\n", a).unwrap();
         assert_eq!(c.grpc_addr.port(), 9001);
         assert_eq!(c.http_addr.port(), 9002);
+        assert_eq!(with_file("udp_buffer = 4194304\n", args()).unwrap().udp_buffer, 4 << 20);
     }
 
     #[test]

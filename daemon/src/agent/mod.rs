@@ -205,6 +205,7 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
     let transport_cfg = TransportConfig {
         bind: cfg.peer_addr,
         congestion: cfg.congestion.into(),
+        socket_buffer: cfg.udp_buffer,
         faults: faults.clone(),
         ..TransportConfig::default()
     };

@@ -364,13 +364,21 @@ where
     tx.send((p, ToMaster::Partials { step: first, partials: init, compute_seconds: secs }))
         .map_err(|_| "master gone".to_string())?;
 
+    // Where this partition's supersteps spent their time, for the summary logged at the end.
+    let (mut exchange_seconds, mut compute_seconds, mut waited_seconds) = (0f64, 0f64, 0f64);
+    let mut idle_since = Instant::now();
     loop {
         match rx.recv().await {
             Some(ToOwner::Go { step, mass, checkpoint }) => {
+                waited_seconds += idle_since.elapsed().as_secs_f64();
                 // Every owner has computed `step - 1` (the master saw all their partials):
                 // their halo values now land directly in the slots this step reads.
+                let t = Instant::now();
                 state =
                     exchange(&workers, numa, &part, state, &mut halos, &mut inbox, u64::from(step) - 1, width).await?;
+                let exchanged = t.elapsed().as_secs_f64();
+                exchange_seconds += exchanged;
+                metrics::histogram!("quiver_job_halo_exchange_seconds").record(exchanged);
                 let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
                 let (next, partials, snapshot) = workers
                     .run(numa, move || {
@@ -386,14 +394,25 @@ where
                     .map_err(|e| format!("partition {p}, superstep {step}: {e}"))?;
                 state = next;
                 let secs = t.elapsed().as_secs_f64();
+                compute_seconds += secs;
                 metrics::histogram!("quiver_job_superstep_seconds").record(secs);
                 tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
                     .map_err(|_| "master gone".to_string())?;
                 if let Some(snapshot) = snapshot {
                     tx.send((p, ToMaster::Snapshot { step, snapshot })).map_err(|_| "master gone".to_string())?;
                 }
+                idle_since = Instant::now();
             }
             Some(ToOwner::Finish) => {
+                tracing::info!(
+                    job = key.job,
+                    epoch = key.epoch,
+                    partition = p,
+                    compute_seconds,
+                    exchange_seconds,
+                    waited_seconds,
+                    "partition's supersteps done (waited: from its partials to the next Go)"
+                );
                 halos.finish();
                 let k = kernel.clone();
                 let values = workers

@@ -55,6 +55,17 @@ pub struct TransportConfig {
     pub max_udp_payload_size: u16,
     /// UDP segmentation offload. Default on: throughput falls about 3× without it.
     pub segmentation_offload: bool,
+    /// Kernel receive buffer asked for on the endpoint's UDP socket. Default 0: the kernel's
+    /// (208 KiB on Linux). A burst larger than the buffer is dropped by the kernel before quinn
+    /// sees it: three agents sharing two cores dropped ~1,000 packets per scale-20 PageRank job
+    /// as their halos converged, and the losses stalled each exchange in QUIC recovery (4 MiB: no
+    /// drops, supersteps 0.038 → 0.027 s). But Cubic fills whatever buffer there is: during a
+    /// 1 GiB transfer a 1–4 MiB buffer held a standing queue that raised heartbeat RTT p99 from
+    /// ~4 to ~10 ms and cost ~10 % of throughput on loopback (benches/RESULTS.md, 2026-12-04),
+    /// so the default stays the kernel's and `quiver agent --udp-buffer` sets it. Linux caps it
+    /// at `net.core.rmem_max` unless the process may force it (`CAP_NET_ADMIN`); the endpoint
+    /// warns when it got less than asked.
+    pub socket_buffer: usize,
     /// Reconnect backoff: first delay. Default 100 ms.
     pub reconnect_base: Duration,
     /// Reconnect backoff: largest delay. Default 5 s.
@@ -110,6 +121,7 @@ impl Default for TransportConfig {
             initial_mtu: 1200,
             max_udp_payload_size: 1472,
             segmentation_offload: true,
+            socket_buffer: 0,
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             rtt_report_interval: Duration::from_secs(1),

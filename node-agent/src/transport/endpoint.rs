@@ -250,6 +250,48 @@ impl std::fmt::Debug for Transport {
     }
 }
 
+/// Asks the kernel for `bytes` of receive buffer on the endpoint's socket (forced past
+/// `net.core.rmem_max` where the process may), and warns when it got less; 0 leaves the kernel's
+/// default ([`TransportConfig::socket_buffer`]).
+fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let sock = socket2::SockRef::from(socket);
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket descriptor, an option that takes a C int, and a pointer to one
+        // that lives across the call. Refused without CAP_NET_ADMIN, which is fine.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUFFORCE,
+                (&raw const value).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+    // Linux reports twice the size it books for payload; ask for the plain size where forcing
+    // did not give it (the kernel caps that at its maximum).
+    let granted = |size: std::io::Result<usize>| size.map(|s| if cfg!(target_os = "linux") { s / 2 } else { s });
+    if granted(sock.recv_buffer_size()).is_ok_and(|s| s < bytes) {
+        let _ = sock.set_recv_buffer_size(bytes);
+    }
+    match granted(sock.recv_buffer_size()) {
+        Ok(got) if got < bytes => tracing::warn!(
+            asked_kib = bytes >> 10,
+            got_kib = got >> 10,
+            "the peer socket's UDP receive buffer is smaller than asked: raise net.core.rmem_max to at least \
+             the asked size"
+        ),
+        Ok(got) => tracing::debug!(kib = got >> 10, "peer socket receive buffer"),
+        Err(e) => tracing::warn!(error = %e, "could not read the peer socket's receive buffer size"),
+    }
+}
+
 /// While both are younger than this, simultaneous connections are resolved by dial direction.
 const DEDUP_WINDOW: Duration = Duration::from_secs(2);
 
@@ -263,6 +305,7 @@ impl Transport {
         let (server, client) = quinn_configs(&config, identity)?;
         let socket = std::net::UdpSocket::bind(config.bind)
             .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
+        size_socket_buffers(&socket, config.socket_buffer);
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
         let endpoint = match &config.faults {
             None => quinn::Endpoint::new(config.quinn_endpoint(), Some(server), socket, runtime),
@@ -794,5 +837,29 @@ async fn dialer(inner: Arc<Inner>, peer: NodeId) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 0 keeps the kernel's receive buffer; a size is granted up to what the kernel allows this
+    /// process (forced past `rmem_max` with `CAP_NET_ADMIN`, capped at it without).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_peer_socket_gets_the_receive_buffer_asked_for() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let size = || socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
+        let before = size();
+        size_socket_buffers(&socket, 0);
+        assert_eq!(size(), before);
+        let want = 3 << 20;
+        size_socket_buffers(&socket, want);
+        let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+        // Linux books twice the size asked and reports what it booked.
+        let got = size() / 2;
+        assert!(got >= want || got >= cap, "granted {got} bytes of the {want} asked (rmem_max {cap})");
+        assert!(got > before / 2);
     }
 }
