@@ -343,7 +343,10 @@ impl AtomicFile {
     pub(crate) fn create(path: &Path) -> Result<Self, LoadError> {
         let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        // Unique per writer, so two writers of one path in this process never share a temporary.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
         let file = File::create(&tmp).map_err(|e| LoadError::io(path, e))?;
         Ok(Self { path: path.to_path_buf(), tmp, w: Some(io::BufWriter::with_capacity(1 << 20, file)) })
     }
