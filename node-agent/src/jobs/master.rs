@@ -365,7 +365,7 @@ pub async fn run_master(
             };
         let globals = Globals::new(partials, step);
         for o in &to_owner {
-            let _ = o.send(ToOwner::Go { step, mass: globals.mass, checkpoint });
+            let _ = o.send(ToOwner::Go { step, mass: globals.mass, checkpoint, last: step == job.stop.max_iterations });
         }
         let t = Instant::now();
         let sink = checkpoint.then(|| checkpoints.as_ref().map(|c| &c.sink)).flatten();
@@ -603,7 +603,9 @@ impl RemoteLink {
         let writer = async move {
             while let Some(m) = orx.recv().await {
                 let body = match m {
-                    ToOwner::Go { step, mass, checkpoint } => job_message::Body::Go(StepGo { step, mass, checkpoint }),
+                    ToOwner::Go { step, mass, checkpoint, last } => {
+                        job_message::Body::Go(StepGo { step, mass, checkpoint, last })
+                    }
                     ToOwner::Finish => job_message::Body::Finish(true),
                 };
                 if let Err(e) = send.send_message(&JobMessage { body: Some(body) }).await {

@@ -14,11 +14,14 @@
 //!   partition whose owner is the master's own node runs in the same process over channels: no
 //!   stream, no copy of the partition.
 //! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async
-//!   thread) and reports its partials to the master. On `Go(s + 1)` — every owner has computed
-//!   `s` — it first exchanges iterate `s`'s halos: it sends each reader exactly the values it
+//!   thread) and reports its partials to the master. Then, while the master gathers the other
+//!   partials, it exchanges iterate `s`'s halos: it sends each reader exactly the values it
 //!   needs on a `STREAM_KIND_HALO_EXCHANGE` stream (one long-lived stream per reader and epoch),
 //!   packed and sent in pieces of [`DEFAULT_HALO_PIECE_VALUES`], while it unpacks the pieces it
-//!   receives straight into its halo slots; then it computes `s + 1`.
+//!   receives straight into its halo slots (it has finished reading iterate `s − 1`'s). On
+//!   `Go(s + 1)` it computes `s + 1`. Two exceptions wait for `Go` instead: the iterate of a
+//!   checkpoint (so its halos do not overlap the snapshot's transfer) and the last one (`Go`
+//!   marked `last`: nobody reads its halos).
 //!
 //! Because every owner runs the same [`PartitionState`](quiver_compute::kernels::superstep::PartitionState)
 //! steps as the single-process run and the master combines partials in exact arithmetic, the
@@ -28,11 +31,14 @@
 //!
 //! - Everything is keyed by `(job, epoch)`: halo frames and job streams of another epoch never
 //!   reach a running owner (their mailbox is a different one, dropped with [`JobRuntime::drop_job`]).
-//! - Halo memory is bounded by the protocol: an owner sends iterate `s` only after the master's
-//!   `Go(s + 1)`, when every reader has finished reading iterate `s − 1`'s halo slots, so pieces
-//!   are unpacked into place as they arrive and no whole halo is ever buffered on either side
-//!   (a sender keeps at most a few pieces per reader queued). A piece out of order, of another
-//!   superstep or too long is refused.
+//! - Halo memory is bounded by the protocol: a reader takes pieces of iterate `s` only once it
+//!   has computed `s` (its slots hold iterate `s − 1`, which it no longer needs), so pieces are
+//!   unpacked into place as they arrive and no whole halo is ever buffered on either side. Each
+//!   sender has its own small mailbox at each reader, read only while that sender's pieces of
+//!   the current iterate are incomplete: a sender already an iterate ahead waits there and in
+//!   QUIC flow control (a sender keeps at most a few pieces per reader queued). A piece out of
+//!   order, of another superstep, too long, or from a partition the reader does not read is
+//!   refused.
 //! - Checkpoint memory is bounded the same way: an owner sends its snapshot to the master in
 //!   pieces and the master stores each in its [`CheckpointSink`] before reading the next, so a
 //!   checkpoint never sits whole in the master's memory.
@@ -77,10 +83,12 @@ pub struct Halo {
     pub values: Segment<f32>,
 }
 
-/// Halo pieces a partition's mailbox holds before its senders wait: the stream reader stops
-/// reading, QUIC flow control stops the peer's writer, so arriving halos never pile up in
-/// memory faster than the owner unpacks them (a whole APPNP halo is tens of MB).
-const MAILBOX_PIECES: usize = 8;
+/// Halo pieces one sender's mailbox at a partition holds before that sender waits: the stream
+/// reader stops reading, QUIC flow control stops the peer's writer, so arriving halos never pile
+/// up in memory faster than the owner unpacks them (a whole APPNP halo is tens of MB). Each
+/// sender has its own mailbox, so one that is a superstep ahead waits without holding up the
+/// others' pieces the owner still needs.
+const MAILBOX_PIECES: usize = 4;
 
 /// How long a halo piece may wait for room in a mailbox before its stream is given up: owners
 /// drain their mailbox throughout an exchange, and peers send only after every owner is ready,
@@ -107,7 +115,10 @@ pub const DEFAULT_HALO_PIECE_VALUES: usize = 1 << 18;
 pub struct JobRuntime {
     transport: Transport,
     workers: Workers,
-    mailboxes: DashMap<(JobKey, u32), Mailbox>,
+    /// Keyed by (job, receiving partition, sending partition).
+    mailboxes: DashMap<(JobKey, u32, u32), Mailbox>,
+    /// The partitions each running owner reads halos from (registered when it starts).
+    halo_sources: DashMap<(JobKey, u32), Vec<u32>>,
     owners: DashMap<(JobKey, u32), AbortHandle>,
     /// Owner tasks alive on this node (local and remote partitions).
     active: std::sync::atomic::AtomicUsize,
@@ -144,6 +155,7 @@ impl JobRuntime {
             transport,
             workers,
             mailboxes: DashMap::new(),
+            halo_sources: DashMap::new(),
             owners: DashMap::new(),
             active: std::sync::atomic::AtomicUsize::new(0),
             epochs: DashMap::new(),
@@ -189,7 +201,8 @@ impl JobRuntime {
                 true
             }
         });
-        self.mailboxes.retain(|(k, _), _| !stale(k));
+        self.mailboxes.retain(|(k, _, _), _| !stale(k));
+        self.halo_sources.retain(|(k, _), _| !stale(k));
     }
 
     /// Records job `job`'s current epoch: streams and halos of older epochs are refused from now
@@ -220,23 +233,45 @@ impl JobRuntime {
         j
     }
 
-    /// Puts a halo piece in the mailbox of partition `to` (on this node), whether or not its owner
-    /// has started yet, waiting while the mailbox is full. False when the piece cannot be delivered: its epoch is stale, the mailbox was dropped (the job ended
-    /// here), or it stayed full for [`MAILBOX_WAIT`].
+    /// Puts a halo piece in partition `to`'s mailbox for its sender (on this node), whether or not
+    /// its owner has started yet, waiting while that mailbox is full. False when the piece cannot
+    /// be delivered: its epoch is stale, its sender is not one the running owner reads from, the
+    /// mailbox was dropped (the job ended here), or it stayed full for [`MAILBOX_WAIT`].
     async fn deliver(&self, key: JobKey, to: u32, halo: Halo) -> bool {
         if self.stale(key) {
             metrics::counter!("quiver_job_stale_messages_total").increment(1);
             return false;
         }
+        if self.halo_sources.get(&(key, to)).is_some_and(|s| !s.contains(&halo.from)) {
+            tracing::warn!(
+                job = key.job,
+                partition = to,
+                from = halo.from,
+                "refused a halo from a partition this partition does not read"
+            );
+            return false;
+        }
         // Clone the sender out: no map shard lock may be held across the wait.
-        let tx = self.mailboxes.entry((key, to)).or_insert_with(Mailbox::new).tx.clone();
+        let tx = self.mailboxes.entry((key, to, halo.from)).or_insert_with(Mailbox::new).tx.clone();
         matches!(tokio::time::timeout(MAILBOX_WAIT, tx.send(halo)).await, Ok(Ok(())))
     }
 
-    /// The receiving end of partition `part`'s mailbox (once).
-    fn take_mailbox(&self, key: JobKey, part: u32) -> Option<mpsc::Receiver<Halo>> {
-        let mb = self.mailboxes.entry((key, part)).or_insert_with(Mailbox::new);
-        mb.rx.lock().expect("mailbox lock").take()
+    /// The receiving ends of partition `part`'s mailboxes, one per partition in `sources` (in that
+    /// order), once: `None` when an owner of `part` already took them.
+    fn take_mailboxes(&self, key: JobKey, part: u32, sources: &[u32]) -> Option<Vec<mpsc::Receiver<Halo>>> {
+        match self.halo_sources.entry((key, part)) {
+            dashmap::Entry::Occupied(_) => return None,
+            dashmap::Entry::Vacant(v) => {
+                v.insert(sources.to_vec());
+            }
+        }
+        sources
+            .iter()
+            .map(|&from| {
+                let mb = self.mailboxes.entry((key, part, from)).or_insert_with(Mailbox::new);
+                mb.rx.lock().expect("mailbox lock").take()
+            })
+            .collect()
     }
 
     /// Serves a `STREAM_KIND_JOB` or `STREAM_KIND_HALO_EXCHANGE` stream a peer opened. Returns

@@ -18,8 +18,9 @@ use crate::transport::{InboundStream, NodeId, OutFrame};
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ToOwner {
     /// Compute superstep `step` from the current iterate, whose combined mass is `mass`; with
-    /// `checkpoint`, send a snapshot of the new iterate after the partials.
-    Go { step: u32, mass: f64, checkpoint: bool },
+    /// `checkpoint`, send a snapshot of the new iterate after the partials; `last`: no superstep
+    /// follows, so no halo exchange either.
+    Go { step: u32, mass: f64, checkpoint: bool, last: bool },
     /// Stop and send the result rows.
     Finish,
 }
@@ -244,10 +245,25 @@ async fn owned_features(
 /// Marks an owner error as a lost link (retryable in a new epoch) inside this module.
 const LOST: &str = "\u{0}lost:";
 
-/// Exchanges the halos of iterate `superstep` (every owner has computed it: the master sent the
-/// next `Go`): packs each reader's mirror values piece by piece on the workers and sends them,
-/// while unpacking the pieces that arrive straight into `state`'s halo slots. Receiving goes on
-/// while a send waits, so two owners sending to each other never wait on each other.
+/// How an exchange ended.
+enum Exchanged<P> {
+    /// Every halo of the iterate is sent and every one this partition reads is in place.
+    Done(PartitionState<P>),
+    /// The master said `Finish` (or went away) meanwhile: the halos are not needed any more.
+    Stopped(PartitionState<P>, Option<ToOwner>),
+    /// Sending to a reader failed. After the last superstep that is only a reader that got
+    /// `Finish` first and stopped reading, so what it means waits for the master's next message.
+    Broken(PartitionState<P>, String),
+}
+
+/// Exchanges the halos of iterate `superstep`, which this partition has just computed: packs
+/// each reader's mirror values piece by piece on the workers and sends them, while unpacking the
+/// pieces that arrive straight into `state`'s halo slots (this partition has finished reading
+/// the previous iterate's halo values, so they may be overwritten). A reader still computing
+/// `superstep` does not read its mailbox for this partition yet, so the pieces wait there, then
+/// in QUIC flow control. Receiving goes on while a send waits, so two owners sending to each
+/// other never wait on each other; messages from the master are taken meanwhile: a `Go` is kept
+/// in `pending` for after the exchange, a `Finish` stops it.
 #[allow(clippy::too_many_arguments)]
 async fn exchange<P: Send + Sync + 'static>(
     workers: &crate::workers::Workers,
@@ -258,10 +274,22 @@ async fn exchange<P: Send + Sync + 'static>(
     inbox: &mut Inbox,
     superstep: u64,
     width: usize,
-) -> Result<PartitionState<P>, String> {
+    rx: &mut mpsc::UnboundedReceiver<ToOwner>,
+    pending: &mut Option<ToOwner>,
+) -> Result<Exchanged<P>, String> {
     let p = part.index;
     let mut state = Some(state);
     inbox.begin(superstep);
+    // A message from the master while exchanging: `Some` ends the exchange (Finish, or gone).
+    let on_message = |m: Option<ToOwner>, pending: &mut Option<ToOwner>| -> Option<Option<ToOwner>> {
+        match m {
+            Some(go @ ToOwner::Go { .. }) => {
+                *pending = Some(go);
+                None
+            }
+            other => Some(other),
+        }
+    };
     let rows_per_piece = (halos.piece_values() / width.max(1)).max(1);
     for (mi, m) in part.mirrors.iter().enumerate() {
         for start in (0..m.vertices.len()).step_by(rows_per_piece) {
@@ -280,12 +308,19 @@ async fn exchange<P: Send + Sync + 'static>(
             loop {
                 tokio::select! {
                     sent = &mut send => {
-                        sent.map_err(|e| format!("{LOST}{e}"))?;
+                        if let Err(e) = sent {
+                            return Ok(Exchanged::Broken(state.take().expect("state is back after every task"), e));
+                        }
                         break;
                     }
                     got = inbox.next(), if !inbox.complete() => {
                         let st = state.take().expect("state is back after every task");
                         state = Some(unpack(workers, numa, part, st, got?).await?);
+                    }
+                    m = rx.recv(), if pending.is_none() => {
+                        if let Some(stop) = on_message(m, pending) {
+                            return Ok(Exchanged::Stopped(state.take().expect("state is back after every task"), stop));
+                        }
                     }
                 }
             }
@@ -293,10 +328,16 @@ async fn exchange<P: Send + Sync + 'static>(
     }
     let mut st = state.take().expect("state is back after every task");
     while !inbox.complete() {
-        let got = inbox.next().await?;
-        st = unpack(workers, numa, part, st, got).await?;
+        tokio::select! {
+            got = inbox.next() => st = unpack(workers, numa, part, st, got?).await?,
+            m = rx.recv(), if pending.is_none() => {
+                if let Some(stop) = on_message(m, pending) {
+                    return Ok(Exchanged::Stopped(st, stop));
+                }
+            }
+        }
     }
-    Ok(st)
+    Ok(Exchanged::Done(st))
 }
 
 /// Copies one received halo piece into its slots, on the workers.
@@ -336,8 +377,10 @@ where
     let p = part.index;
     let numa = p as usize;
     let width = kernel.width();
-    let mailbox = rt.take_mailbox(key, p).ok_or_else(|| format!("partition {p} is already running here"))?;
-    let mut inbox = Inbox::new(mailbox, &part, width);
+    let sources: Vec<u32> = part.halo_sources.iter().map(|s| s.owner as u32).collect();
+    let mailboxes =
+        rt.take_mailboxes(key, p, &sources).ok_or_else(|| format!("partition {p} is already running here"))?;
+    let mut inbox = Inbox::new(mailboxes, &part, width);
     let mut halos = HaloSender::new(rt.clone(), key, p, owners);
     let workers = rt.workers().clone();
 
@@ -366,19 +409,79 @@ where
 
     // Where this partition's supersteps spent their time, for the summary logged at the end.
     let (mut exchange_seconds, mut compute_seconds, mut waited_seconds) = (0f64, 0f64, 0f64);
-    let mut idle_since = Instant::now();
+    // The iterate just computed, whose halos go out next (while the master gathers partials).
+    let mut computed = u64::from(first);
+    let mut pending: Option<ToOwner> = None;
+    let mut last = false;
+    // The iterate just computed went into a checkpoint: its halos wait for the next Go, so the
+    // exchange does not overlap the snapshot's transfer to the master (memory at the master).
+    let mut deferred = false;
     loop {
-        match rx.recv().await {
-            Some(ToOwner::Go { step, mass, checkpoint }) => {
-                waited_seconds += idle_since.elapsed().as_secs_f64();
-                // Every owner has computed `step - 1` (the master saw all their partials):
-                // their halo values now land directly in the slots this step reads.
+        let t = Instant::now();
+        let exchanged = if last || deferred {
+            // After the last superstep the master says Finish: the final halos are nobody's.
+            Exchanged::Done(state)
+        } else {
+            exchange(&workers, numa, &part, state, &mut halos, &mut inbox, computed, width, &mut rx, &mut pending)
+                .await?
+        };
+        let exchanged_in = t.elapsed().as_secs_f64();
+        exchange_seconds += exchanged_in;
+        metrics::histogram!("quiver_job_halo_exchange_seconds").record(exchanged_in);
+        let (st, message) = match exchanged {
+            Exchanged::Done(st) => {
                 let t = Instant::now();
-                state =
-                    exchange(&workers, numa, &part, state, &mut halos, &mut inbox, u64::from(step) - 1, width).await?;
-                let exchanged = t.elapsed().as_secs_f64();
-                exchange_seconds += exchanged;
-                metrics::histogram!("quiver_job_halo_exchange_seconds").record(exchanged);
+                let m = match pending.take() {
+                    Some(m) => Some(m),
+                    None => rx.recv().await,
+                };
+                waited_seconds += t.elapsed().as_secs_f64();
+                (st, m)
+            }
+            Exchanged::Stopped(st, m) => (st, m),
+            Exchanged::Broken(st, reason) => match pending.take() {
+                // The master had already moved on: the link is lost.
+                Some(_) => return Err(format!("{LOST}{reason}")),
+                None => match rx.recv().await {
+                    Some(ToOwner::Finish) => (st, Some(ToOwner::Finish)),
+                    Some(ToOwner::Go { .. }) => return Err(format!("{LOST}{reason}")),
+                    None => return Err("the job master went away".into()),
+                },
+            },
+        };
+        state = st;
+        match message {
+            Some(ToOwner::Go { step, mass, checkpoint, last: no_more }) => {
+                last = no_more;
+                if u64::from(step) != computed + 1 {
+                    return Err(format!("partition {p} was told to compute superstep {step} after {computed}"));
+                }
+                if std::mem::take(&mut deferred) {
+                    // The master sends nothing more before this step's partials.
+                    let t = Instant::now();
+                    let mut unexpected = None;
+                    state = match exchange(
+                        &workers,
+                        numa,
+                        &part,
+                        state,
+                        &mut halos,
+                        &mut inbox,
+                        computed,
+                        width,
+                        &mut rx,
+                        &mut unexpected,
+                    )
+                    .await?
+                    {
+                        Exchanged::Done(st) if unexpected.is_none() => st,
+                        Exchanged::Broken(_, reason) => return Err(format!("{LOST}{reason}")),
+                        _ => {
+                            return Err(format!("partition {p}: the master spoke out of turn during superstep {step}"));
+                        }
+                    };
+                    exchange_seconds += t.elapsed().as_secs_f64();
+                }
                 let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
                 let (next, partials, snapshot) = workers
                     .run(numa, move || {
@@ -393,6 +496,8 @@ where
                     .await
                     .map_err(|e| format!("partition {p}, superstep {step}: {e}"))?;
                 state = next;
+                computed = u64::from(step);
+                deferred = snapshot.is_some();
                 let secs = t.elapsed().as_secs_f64();
                 compute_seconds += secs;
                 metrics::histogram!("quiver_job_superstep_seconds").record(secs);
@@ -401,7 +506,6 @@ where
                 if let Some(snapshot) = snapshot {
                     tx.send((p, ToMaster::Snapshot { step, snapshot })).map_err(|_| "master gone".to_string())?;
                 }
-                idle_since = Instant::now();
             }
             Some(ToOwner::Finish) => {
                 tracing::info!(
@@ -411,7 +515,7 @@ where
                     compute_seconds,
                     exchange_seconds,
                     waited_seconds,
-                    "partition's supersteps done (waited: from its partials to the next Go)"
+                    "partition's supersteps done (waited: after its halos were exchanged, for the next Go)"
                 );
                 halos.finish();
                 let k = kernel.clone();
@@ -427,10 +531,13 @@ where
     }
 }
 
-/// Takes the halo pieces of one superstep from the partition's mailbox, checking sender,
-/// superstep, order and length before anything is unpacked.
+/// Takes the halo pieces of one superstep from the partition's mailboxes (one per sender),
+/// checking superstep, order and length before anything is unpacked. It reads only the mailboxes
+/// of senders whose pieces of the current superstep are not all in, so a sender already a
+/// superstep ahead waits in its own mailbox (and in QUIC flow control) until the next exchange.
 struct Inbox {
-    rx: mpsc::Receiver<super::Halo>,
+    /// One mailbox per halo source, in source order.
+    rxs: Vec<mpsc::Receiver<super::Halo>>,
     /// (owner partition, values expected) per halo source, in source order.
     sources: Vec<(u32, usize)>,
     /// Values received so far per source, in the current superstep.
@@ -439,14 +546,14 @@ struct Inbox {
 }
 
 impl Inbox {
-    fn new(rx: mpsc::Receiver<super::Halo>, part: &OwnedPart, width: usize) -> Self {
+    fn new(rxs: Vec<mpsc::Receiver<super::Halo>>, part: &OwnedPart, width: usize) -> Self {
         let sources: Vec<(u32, usize)> = part
             .halo_sources
             .iter()
             .map(|s| (s.owner as u32, (s.slots.end - s.slots.start) as usize * width))
             .collect();
         let got = vec![0; sources.len()];
-        Self { rx, sources, got, superstep: 0 }
+        Self { rxs, sources, got, superstep: 0 }
     }
 
     /// Starts collecting iterate `superstep`.
@@ -462,16 +569,33 @@ impl Inbox {
 
     /// The next piece of the current superstep: (source index, first value, values). Pieces of
     /// an older superstep (a retried epoch's leftovers) are skipped; anything else out of place
-    /// is an error naming the sender.
+    /// is an error naming the sender. Cancel-safe: a piece is taken only when it is returned or
+    /// skipped.
     async fn next(&mut self) -> Result<(usize, usize, Segment<f32>), String> {
         loop {
-            let h = self.rx.recv().await.ok_or("the job was dropped on this node")?;
+            let (i, h) = std::future::poll_fn(|cx| {
+                for (i, rx) in self.rxs.iter_mut().enumerate() {
+                    if self.got[i] >= self.sources[i].1 {
+                        continue;
+                    }
+                    match rx.poll_recv(cx) {
+                        std::task::Poll::Ready(Some(h)) => return std::task::Poll::Ready(Ok((i, h))),
+                        std::task::Poll::Ready(None) => {
+                            return std::task::Poll::Ready(Err("the job was dropped on this node".to_string()));
+                        }
+                        std::task::Poll::Pending => {}
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await?;
             if h.superstep < self.superstep {
                 continue;
             }
-            let Some(i) = self.sources.iter().position(|(o, _)| *o == h.from) else {
-                return Err(format!("a halo came from partition {}, which this partition does not read", h.from));
-            };
+            let from = self.sources[i].0;
+            if h.from != from {
+                return Err(format!("partition {from}'s mailbox held a halo from partition {}", h.from));
+            }
             if h.superstep > self.superstep {
                 return Err(format!(
                     "partition {} sent superstep {} while the exchange is at {}",
@@ -571,7 +695,12 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
         tokio::select! {
             m = msgs.recv() => match m.and_then(|m| m.body) {
                 Some(job_message::Body::Go(g)) => {
-                    let _ = to_owner.send(ToOwner::Go { step: g.step, mass: g.mass, checkpoint: g.checkpoint });
+                    let _ = to_owner.send(ToOwner::Go {
+                        step: g.step,
+                        mass: g.mass,
+                        checkpoint: g.checkpoint,
+                        last: g.last,
+                    });
                 }
                 Some(job_message::Body::Finish(_)) => {
                     let _ = to_owner.send(ToOwner::Finish);
