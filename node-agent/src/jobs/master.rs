@@ -368,14 +368,14 @@ pub async fn run_master(
             let _ = o.send(ToOwner::Go { step, mass: globals.mass, checkpoint, last: step == job.stop.max_iterations });
         }
         let t = Instant::now();
-        let sink = checkpoint.then(|| checkpoints.as_ref().map(|c| &c.sink)).flatten();
+        let sink = checkpoints.as_ref().filter(|_| checkpoint).map(|c| &c.sink);
         let got = collect(&mut rx, step, &job.owners, sink).await?;
         since_checkpoint += t.elapsed().as_secs_f64();
         slowest_sum += got.slowest;
         partials = got.partials;
         iterations = step;
         residual = partials.residual;
-        if let (Some(c), true) = (&checkpoints, got.stored) {
+        if checkpoint && let Some(c) = &checkpoints {
             since_checkpoint = 0.0;
             let _ = c.taken.send(CheckpointTaken { step, partials });
         }
@@ -454,8 +454,6 @@ fn unexpected(p: u32, msg: ToMaster, owners: &[NodeId], when: &str) -> MasterErr
 struct Collected {
     partials: Partials,
     slowest: f64,
-    /// Every partition's snapshot is in the sink.
-    stored: bool,
 }
 
 /// Waits for every partition's partials of `step` and, when `sink` is given (a checkpoint), for
@@ -507,7 +505,7 @@ async fn collect(
             other => return Err(unexpected(p, other, owners, &format!("while the job is at superstep {step}"))),
         }
     }
-    Ok(Collected { partials: combined, slowest, stored: sink.is_some() })
+    Ok(Collected { partials: combined, slowest })
 }
 
 /// Carries one partition to a remote owner and relays messages both ways. Anything that goes

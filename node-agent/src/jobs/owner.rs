@@ -419,7 +419,8 @@ where
     loop {
         let t = Instant::now();
         let exchanged = if last || deferred {
-            // After the last superstep the master says Finish: the final halos are nobody's.
+            // After the last superstep the master says Finish (the final halos are nobody's);
+            // a checkpointed iterate's exchange runs once its Go has come.
             Exchanged::Done(state)
         } else {
             exchange(&workers, numa, &part, state, &mut halos, &mut inbox, computed, width, &mut rx, &mut pending)
