@@ -33,7 +33,7 @@
 
 use rayon::prelude::*;
 
-use super::superstep::{Globals, Kernel, Partials};
+use super::superstep::{Globals, Kernel, Partials, PullScratch};
 use crate::partition::LocalGraph;
 
 /// How `Ã = A + I` is normalised.
@@ -109,7 +109,7 @@ impl Kernel for Appnp<'_> {
         x: &[f32],
         next: &mut [f32],
         _aux: &mut [f32],
-        _scratch: &mut Vec<f32>,
+        _scratch: &mut PullScratch,
     ) -> Partials {
         let d = self.dim;
         assert_eq!(x.len(), g.locals() * d, "local vector does not match the partition");

@@ -18,8 +18,8 @@
 
 use rayon::prelude::*;
 
-use super::pagerank::{Teleport, TeleportMask, dangling_mass};
-use super::pull::{ROW_CHUNK, contributions, row_sum};
+use super::pagerank::{Prepared, Teleport, dangling_mass};
+use super::pull::{PullScratch, WINDOW};
 use super::superstep::{ExactSum, Globals, Kernel, Partials};
 use crate::partition::LocalGraph;
 
@@ -32,7 +32,7 @@ pub struct Heat {
 }
 
 impl Kernel for Heat {
-    type Prepared = TeleportMask;
+    type Prepared = Prepared;
 
     fn width(&self) -> usize {
         1
@@ -42,13 +42,13 @@ impl Kernel for Heat {
         g.owned()
     }
 
-    fn prepare(&self, g: &LocalGraph) -> TeleportMask {
-        TeleportMask::new(&Teleport::Seeds(self.seeds.clone()), g)
+    fn prepare(&self, g: &LocalGraph) -> Prepared {
+        Prepared::new(&Teleport::Seeds(self.seeds.clone()), g)
     }
 
-    fn init(&self, g: &LocalGraph, mask: &TeleportMask, x: &mut [f32], aux: &mut Vec<f32>) -> Partials {
+    fn init(&self, g: &LocalGraph, prep: &Prepared, x: &mut [f32], aux: &mut Vec<f32>) -> Partials {
         let w = (-self.t).exp() / self.seeds.len() as f64;
-        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = mask.at(row, w) as f32);
+        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = prep.mask.at(row, w) as f32);
         aux.clear();
         aux.extend_from_slice(x);
         Partials { mass: dangling_mass(g, x), residual: 0.0 }
@@ -57,37 +57,31 @@ impl Kernel for Heat {
     fn step(
         &self,
         g: &LocalGraph,
-        _mask: &TeleportMask,
+        prep: &Prepared,
         globals: &Globals,
         x: &[f32],
         next: &mut [f32],
         h: &mut [f32],
-        contrib: &mut Vec<f32>,
+        scratch: &mut PullScratch,
     ) -> Partials {
-        contributions(g, x, contrib);
         let factor = self.t / globals.step as f64;
         let spread = globals.mass / self.vertices as f64;
-        let (contrib, offsets, sources, outdeg) = (&contrib[..], g.offsets(), g.sources(), g.out_degree());
-        next.par_chunks_mut(ROW_CHUNK)
-            .zip(h.par_chunks_mut(ROW_CHUNK))
-            .enumerate()
-            .map(|(chunk, (out, h))| {
-                let mut p = Partials::default();
-                for (i, (out, h)) in out.iter_mut().zip(h).enumerate() {
-                    let row = chunk * ROW_CHUNK + i;
-                    let list = &sources[offsets[row] as usize..offsets[row + 1] as usize];
-                    let term = (factor * (row_sum(list, contrib) + spread)) as f32;
-                    *out = term;
-                    let old = *h;
-                    *h += term;
-                    p.residual = p.residual.max((*h - old).abs());
-                    if outdeg[row] == 0 {
-                        p.mass = p.mass + ExactSum::of(term);
-                    }
+        let outdeg = g.out_degree();
+        let windows = next.par_chunks_mut(WINDOW).zip(h.par_chunks_mut(WINDOW));
+        prep.pull.pull(g, x, scratch, windows, |first, sums, (out, h)| {
+            let mut p = Partials::default();
+            for (i, ((out, h), &sum)) in out.iter_mut().zip(h).zip(sums).enumerate() {
+                let term = (factor * (sum + spread)) as f32;
+                *out = term;
+                let old = *h;
+                *h += term;
+                p.residual = p.residual.max((*h - old).abs());
+                if outdeg[first + i] == 0 {
+                    p.mass = p.mass + ExactSum::of(term);
                 }
-                p
-            })
-            .reduce(Partials::default, Partials::combine)
+            }
+            p
+        })
     }
 
     fn finish(&self, _x: Vec<f32>, h: Vec<f32>) -> Vec<f32> {

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::pull::{ROW_CHUNK, contributions, row_sum};
+use super::pull::{PullPlan, PullScratch, ROW_CHUNK, WINDOW};
 use super::superstep::{ExactSum, Globals, Kernel, Partials};
 use crate::partition::LocalGraph;
 
@@ -71,6 +71,19 @@ impl TeleportMask {
     }
 }
 
+/// What the pull-sum kernels derive once per partition: the teleport mask and the row layout.
+#[derive(Debug)]
+pub struct Prepared {
+    pub(crate) mask: TeleportMask,
+    pub(crate) pull: PullPlan,
+}
+
+impl Prepared {
+    pub(crate) fn new(t: &Teleport, g: &LocalGraph) -> Self {
+        Self { mask: TeleportMask::new(t, g), pull: PullPlan::new(g) }
+    }
+}
+
 /// PageRank (uniform teleport) or personalized PageRank (seed teleport).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PageRank {
@@ -89,53 +102,48 @@ pub(crate) fn dangling_mass(g: &LocalGraph, x: &[f32]) -> ExactSum {
 }
 
 impl Kernel for PageRank {
-    type Prepared = TeleportMask;
+    type Prepared = Prepared;
 
     fn width(&self) -> usize {
         1
     }
 
-    fn prepare(&self, g: &LocalGraph) -> TeleportMask {
-        TeleportMask::new(&self.teleport, g)
+    fn prepare(&self, g: &LocalGraph) -> Prepared {
+        Prepared::new(&self.teleport, g)
     }
 
-    fn init(&self, g: &LocalGraph, mask: &TeleportMask, x: &mut [f32], _aux: &mut Vec<f32>) -> Partials {
+    fn init(&self, g: &LocalGraph, prep: &Prepared, x: &mut [f32], _aux: &mut Vec<f32>) -> Partials {
         let w = self.teleport.weight();
-        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = mask.at(row, w) as f32);
+        x.par_iter_mut().enumerate().for_each(|(row, x)| *x = prep.mask.at(row, w) as f32);
         Partials { mass: dangling_mass(g, x), residual: 0.0 }
     }
 
     fn step(
         &self,
         g: &LocalGraph,
-        mask: &TeleportMask,
+        prep: &Prepared,
         globals: &Globals,
         x: &[f32],
         next: &mut [f32],
         _aux: &mut [f32],
-        contrib: &mut Vec<f32>,
+        scratch: &mut PullScratch,
     ) -> Partials {
-        contributions(g, x, contrib);
         let (d, w) = (self.damping, self.teleport.weight());
         let coef = (1.0 - d) + d * globals.mass;
-        let (contrib, offsets, sources, outdeg) = (&contrib[..], g.offsets(), g.sources(), g.out_degree());
-        next.par_chunks_mut(ROW_CHUNK)
-            .enumerate()
-            .map(|(chunk, out)| {
-                let mut p = Partials::default();
-                for (i, out) in out.iter_mut().enumerate() {
-                    let row = chunk * ROW_CHUNK + i;
-                    let list = &sources[offsets[row] as usize..offsets[row + 1] as usize];
-                    let new = (d * row_sum(list, contrib) + coef * mask.at(row, w)) as f32;
-                    *out = new;
-                    p.residual = p.residual.max((new - x[row]).abs());
-                    if outdeg[row] == 0 {
-                        p.mass = p.mass + ExactSum::of(new);
-                    }
+        let (mask, outdeg) = (&prep.mask, g.out_degree());
+        prep.pull.pull(g, x, scratch, next.par_chunks_mut(WINDOW), |first, sums, out| {
+            let mut p = Partials::default();
+            for (i, (out, &sum)) in out.iter_mut().zip(sums).enumerate() {
+                let row = first + i;
+                let new = (d * sum + coef * mask.at(row, w)) as f32;
+                *out = new;
+                p.residual = p.residual.max((new - x[row]).abs());
+                if outdeg[row] == 0 {
+                    p.mass = p.mass + ExactSum::of(new);
                 }
-                p
-            })
-            .reduce(Partials::default, Partials::combine)
+            }
+            p
+        })
     }
 
     fn finish(&self, x: Vec<f32>, _aux: Vec<f32>) -> Vec<f32> {

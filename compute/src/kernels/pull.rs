@@ -1,58 +1,447 @@
-//! The scalar pull sum shared by PageRank, personalized PageRank and the heat kernel.
+//! The pull sum shared by PageRank, personalized PageRank and the heat kernel.
 //!
 //! The random-walk operator `P` moves a vertex's value evenly along its out-edges; in pull form,
 //! `(P y)[v] = Σ_{u ∈ in(v)} y[u] / outdeg(u)`. Each step first computes the *contribution*
-//! `c[u] = y[u] / outdeg(u)` (an `f32` division; 0 for dangling `u`) for every local vertex, then
+//! `c[u] = y[u] / outdeg(u)` (an `f32` division) of every local vertex that has out-edges, then
 //! sums `c` over each row.
 //!
 //! **Row sum, exactly:** four `f64` accumulators; the row's `i`-th in-neighbour (CSR order) is
 //! added to accumulator `i mod 4` after widening `c[u]` to `f64`; the result is
-//! `(a0 + a1) + (a2 + a3)`. Independent accumulators keep four cache misses in flight, and the
-//! order is a function of the row alone (the determinism contract). Plain scalar code: on this
-//! machine hardware gathers with an in-order reduction were slower (DESIGN.md).
+//! `(a0 + a1) + (a2 + a3)`. The order is a function of the row alone (the determinism
+//! contract), whatever layout or instruction set computes it.
+//!
+//! **Layout ([`PullPlan`]).** The sum is bound by its random reads of `c`, so a partition's rows
+//! are laid out once, when the kernel is prepared, for locality and for SIMD across rows:
+//!
+//! - *Columns* are renumbered by out-degree, descending: the contributions that most rows read sit
+//!   together at the head of a compact array (vertices without out-edges are never read and get no
+//!   slot). On Kronecker graphs this keeps the hot head in L2 where the given order scatters it.
+//! - *Rows* are cut into slices of eight ("SELL-8"): within windows of [`WINDOW`] consecutive rows,
+//!   rows are sorted by length and taken eight at a time; rows longer than [`LONG`] are sliced
+//!   together across the partition, so the eight rows of a slice have similar lengths. A slice
+//!   stores its rows' renumbered sources column-major (the `j`-th source of its eight rows are
+//!   adjacent), so one 8-wide gather serves eight rows, and the eight rows' `i mod 4` accumulators
+//!   are four 8-lane vectors. Lanes past a row's end are masked, never added.
+//!
+//! Rows without in-edges are in no slice; their sum is 0. Renumbering changes which memory holds
+//! a value, never which values a row adds or in which order, so the result is bit-identical to a
+//! plain loop over the CSR (a test compares them on every instruction set this CPU has).
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
+use super::superstep::Partials;
 use crate::partition::LocalGraph;
 
-/// Rows per parallel work item.
+/// Rows per parallel work item of the row-ordered passes.
 pub(crate) const ROW_CHUNK: usize = 2048;
 
-/// Writes `c[u] = y[u] / outdeg(u)` (0 when `outdeg(u) = 0`) for every local vertex.
-pub(crate) fn contributions(g: &LocalGraph, y: &[f32], c: &mut Vec<f32>) {
-    assert_eq!(y.len(), g.locals(), "local vector does not match the partition");
-    if c.len() != g.locals() {
-        *c = super::superstep::huge_zeroed(g.locals());
-    }
-    c.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).zip(g.out_degree().par_chunks(1 << 14)).for_each(
-        |((c, y), d)| {
-            for ((c, &y), &d) in c.iter_mut().zip(y).zip(d) {
-                *c = if d == 0 { 0.0 } else { y / d as f32 };
-            }
-        },
-    );
+/// Consecutive rows sorted together by length: small enough that a window's sums land in a few
+/// cache lines, large enough that its slices are nearly full and similar in length.
+pub(crate) const WINDOW: usize = 512;
+
+/// Rows longer than this are sliced across the whole partition (a window holds too few of them to
+/// make slices of similar length).
+const LONG: u32 = 64;
+
+/// Lanes of a slice: eight `f64` accumulators fill a 512-bit vector.
+const LANES: usize = 8;
+
+/// Slices of long rows with at least this many edges (in total) make one parallel work item.
+const ITEM_EDGES: u64 = 1 << 15;
+
+/// A partition's in-edges laid out for the pull sum (module docs).
+#[derive(Debug, Default)]
+pub struct PullPlan {
+    /// Compact column → local vertex, by out-degree descending, ties by id.
+    columns: Vec<u32>,
+    /// Compact column → its vertex's out-degree as `f32`.
+    column_degree: Vec<f32>,
+    /// Per slice: where its sources start in `cols`.
+    slice_start: Vec<u64>,
+    /// Per slice: its longest row's length (lane 0, rows are sorted).
+    slice_len: Vec<u32>,
+    /// Per slice and lane: the owned row (`u32::MAX` for an empty lane).
+    lane_row: Vec<u32>,
+    /// Per slice and lane: the row's length (0 for an empty lane).
+    lane_len: Vec<u32>,
+    /// The slices' sources as compact columns, column-major per slice, padding 0.
+    cols: Vec<u32>,
+    /// Window `w`'s slices are `window_slices[w]..window_slices[w + 1]`.
+    window_slices: Vec<u32>,
+    /// Ranges of the long rows' slices (after every window's) making parallel work items.
+    long_items: Vec<Range<u32>>,
 }
 
-/// `Σ c[u]` over one row, in the order documented above.
-///
-/// Every id in `row` must be below `c.len()`: callers pass rows of a [`LocalGraph`] (whose
-/// sources are all below `locals()`) and `c` of length `locals()`, asserted once per step.
-#[inline(always)]
-pub(crate) fn row_sum(row: &[u32], c: &[f32]) -> f64 {
-    debug_assert!(row.iter().all(|&u| (u as usize) < c.len()));
-    // SAFETY: every id is below `c.len()` (the contract above). Bounds checks here cost a
-    // compare and branch per edge in the hottest loop of PageRank.
-    let at = |u: u32| unsafe { *c.get_unchecked(u as usize) } as f64;
-    let mut a = [0f64; 4];
-    let mut quads = row.chunks_exact(4);
-    for q in &mut quads {
-        a[0] += at(q[0]);
-        a[1] += at(q[1]);
-        a[2] += at(q[2]);
-        a[3] += at(q[3]);
+/// Reusable memory of the pull sum.
+#[derive(Debug, Default)]
+pub struct PullScratch {
+    /// Contributions by compact column.
+    contrib: Vec<f32>,
+    /// `f64` bits per owned row, written for long rows only.
+    long_sums: Vec<AtomicU64>,
+}
+
+impl PullPlan {
+    /// Lays out `g`'s owned rows (module docs).
+    pub(crate) fn new(g: &LocalGraph) -> Self {
+        let columns = columns_by_out_degree(g.out_degree());
+        let column_degree = columns.iter().map(|&u| g.out_degree()[u as usize] as f32).collect();
+        let mut compact = vec![u32::MAX; g.locals()];
+        for (i, &u) in columns.iter().enumerate() {
+            compact[u as usize] = i as u32;
+        }
+        let offsets = g.offsets();
+        let len = |r: usize| (offsets[r + 1] - offsets[r]) as u32;
+        let by_length = |rows: &mut Vec<u32>| rows.sort_unstable_by_key(|&r| (std::cmp::Reverse(len(r as usize)), r));
+        // Groups of rows, each sliced on its own: one per window, then the long rows.
+        let windows: Vec<Vec<u32>> = (0..g.owned().div_ceil(WINDOW))
+            .into_par_iter()
+            .map(|w| {
+                let rows = w * WINDOW..((w + 1) * WINDOW).min(g.owned());
+                let mut rows: Vec<u32> = rows.filter(|&r| (1..=LONG).contains(&len(r))).map(|r| r as u32).collect();
+                by_length(&mut rows);
+                rows
+            })
+            .collect();
+        let mut long: Vec<u32> = (0..g.owned() as u32).into_par_iter().filter(|&r| len(r as usize) > LONG).collect();
+        by_length(&mut long);
+
+        let mut plan = PullPlan { columns, column_degree, ..PullPlan::default() };
+        let mut total = 0u64;
+        let mut add_slice = |plan: &mut PullPlan, rows: &[u32]| {
+            let longest = len(rows[0] as usize);
+            plan.slice_start.push(total);
+            plan.slice_len.push(longest);
+            total += (LANES as u64) * longest as u64;
+            for lane in 0..LANES {
+                plan.lane_row.push(rows.get(lane).copied().unwrap_or(u32::MAX));
+                plan.lane_len.push(rows.get(lane).map_or(0, |&r| len(r as usize)));
+            }
+        };
+        plan.window_slices.push(0);
+        for rows in &windows {
+            rows.chunks(LANES).for_each(|rows| add_slice(&mut plan, rows));
+            plan.window_slices.push(plan.slice_len.len() as u32);
+        }
+        let (mut first, mut edges) = (plan.slice_len.len() as u32, 0u64);
+        for rows in long.chunks(LANES) {
+            add_slice(&mut plan, rows);
+            edges += rows.iter().map(|&r| len(r as usize) as u64).sum::<u64>();
+            if edges >= ITEM_EDGES {
+                let end = plan.slice_len.len() as u32;
+                plan.long_items.push(first..end);
+                (first, edges) = (end, 0);
+            }
+        }
+        if (first as usize) < plan.slice_len.len() {
+            plan.long_items.push(first..plan.slice_len.len() as u32);
+        }
+
+        // Fill the work items' disjoint ranges of `cols` in parallel.
+        let mut cols = vec![0u32; total as usize];
+        super::superstep::advise_huge(&cols);
+        let items: Vec<Range<u32>> =
+            plan.window_slices.windows(2).map(|w| w[0]..w[1]).chain(plan.long_items.iter().cloned()).collect();
+        let mut parts = Vec::with_capacity(items.len());
+        let mut rest = &mut cols[..];
+        for it in &items {
+            let end = plan.slice_start.get(it.end as usize).copied().unwrap_or(total);
+            let (part, tail) =
+                rest.split_at_mut((end - plan.slice_start.get(it.start as usize).map_or(end, |&s| s)) as usize);
+            parts.push(part);
+            rest = tail;
+        }
+        let sources = g.sources();
+        let (starts, lane_row) = (&plan.slice_start, &plan.lane_row);
+        parts.into_par_iter().zip(items.par_iter()).for_each(|(part, it)| {
+            let Some(&base) = starts.get(it.start as usize) else { return };
+            for s in it.start as usize..it.end as usize {
+                let out = &mut part[(starts[s] - base) as usize..];
+                let rows: [&[u32]; LANES] = std::array::from_fn(|lane| match lane_row[s * LANES + lane] {
+                    u32::MAX => &[][..],
+                    r => &sources[offsets[r as usize] as usize..offsets[r as usize + 1] as usize],
+                });
+                // Step-major, so the slice is written front to back once.
+                for (j, step) in out[..LANES * rows[0].len()].chunks_exact_mut(LANES).enumerate() {
+                    for (slot, row) in step.iter_mut().zip(&rows) {
+                        if let Some(&u) = row.get(j) {
+                            *slot = compact[u as usize];
+                        }
+                    }
+                }
+            }
+        });
+        plan.cols = cols;
+        plan
     }
-    for (k, &u) in quads.remainder().iter().enumerate() {
-        a[k] += at(u);
+
+    /// Bytes held by the layout.
+    pub fn heap_bytes(&self) -> usize {
+        4 * (2 * self.columns.len()
+            + self.slice_len.len()
+            + self.lane_row.len()
+            + self.lane_len.len()
+            + self.cols.len()
+            + self.window_slices.len())
+            + 8 * self.slice_start.len()
+            + 8 * self.long_items.len()
     }
-    (a[0] + a[1]) + (a[2] + a[3])
+
+    /// One pull: the sum over each owned row of `y[u] / outdeg(u)` (module docs), handed to `f`
+    /// a window of [`WINDOW`] rows at a time, in parallel, together with the caller's data for
+    /// that window: `windows` yields one item per window, in order (for instance
+    /// `next.par_chunks_mut(WINDOW)`). `f(first_row, sums, item)` returns the window's partials;
+    /// their combination is returned.
+    pub(crate) fn pull<T, F>(
+        &self,
+        g: &LocalGraph,
+        y: &[f32],
+        scratch: &mut PullScratch,
+        windows: impl IndexedParallelIterator<Item = T>,
+        f: F,
+    ) -> Partials
+    where
+        F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
+    {
+        // The vector path's gathers take `i32` indices.
+        let simd = if self.columns.len() <= i32::MAX as usize { Simd::detect() } else { Simd::Portable };
+        self.pull_with(simd, g, y, scratch, windows, f)
+    }
+
+    fn pull_with<T, F>(
+        &self,
+        simd: Simd,
+        g: &LocalGraph,
+        y: &[f32],
+        scratch: &mut PullScratch,
+        windows: impl IndexedParallelIterator<Item = T>,
+        f: F,
+    ) -> Partials
+    where
+        F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
+    {
+        assert_eq!(y.len(), g.locals(), "local vector does not match the partition");
+        assert_eq!(windows.len(), self.window_slices.len() - 1, "one item per window of rows");
+        scratch.contrib.resize(self.columns.len(), 0.0);
+        scratch.contrib.par_chunks_mut(1 << 14).enumerate().for_each(|(k, c)| {
+            let at = k << 14;
+            let (cols, deg) = (&self.columns[at..at + c.len()], &self.column_degree[at..at + c.len()]);
+            for ((c, &u), &d) in c.iter_mut().zip(cols).zip(deg) {
+                *c = y[u as usize] / d;
+            }
+        });
+        if scratch.long_sums.len() != g.owned() {
+            scratch.long_sums = (0..g.owned()).map(|_| AtomicU64::new(0)).collect();
+        }
+        let (c, long_sums) = (&scratch.contrib[..], &scratch.long_sums[..]);
+        self.long_items.par_iter().for_each(|it| {
+            for s in it.start as usize..it.end as usize {
+                self.each_row(simd, s, c, |r, sum| long_sums[r as usize].store(sum.to_bits(), Relaxed));
+            }
+        });
+        let offsets = g.offsets();
+        windows
+            .enumerate()
+            .map_init(Vec::new, |buf: &mut Vec<f64>, (w, item)| {
+                let rows = w * WINDOW..((w + 1) * WINDOW).min(g.owned());
+                buf.clear();
+                buf.resize(rows.len(), 0.0);
+                for s in self.window_slices[w] as usize..self.window_slices[w + 1] as usize {
+                    self.each_row(simd, s, c, |r, sum| buf[r as usize - rows.start] = sum);
+                }
+                for (r, sum) in rows.clone().zip(buf.iter_mut()) {
+                    if offsets[r + 1] - offsets[r] > LONG as u64 {
+                        *sum = f64::from_bits(long_sums[r].load(Relaxed));
+                    }
+                }
+                f(rows.start, buf, item)
+            })
+            .reduce(Partials::default, Partials::combine)
+    }
+
+    /// Hands each row of slice `s` and its sum to `put`.
+    #[inline]
+    fn each_row(&self, simd: Simd, s: usize, c: &[f32], mut put: impl FnMut(u32, f64)) {
+        let sums = self.slice(simd, s, c);
+        for (&r, sum) in self.lane_row[s * LANES..(s + 1) * LANES].iter().zip(sums) {
+            if r != u32::MAX {
+                put(r, sum);
+            }
+        }
+    }
+
+    /// The eight row sums of slice `s`.
+    #[inline]
+    fn slice(&self, simd: Simd, s: usize, c: &[f32]) -> [f64; LANES] {
+        let start = self.slice_start[s] as usize;
+        let lens: &[u32; LANES] = self.lane_len[s * LANES..][..LANES].try_into().expect("eight lanes");
+        let cols = &self.cols[start..start + LANES * self.slice_len[s] as usize];
+        match simd {
+            // SAFETY: AVX-512F/VL were detected; every entry of `cols` is a compact column, below
+            // `columns.len() = c.len()` ≤ `i32::MAX` (`pull` picks the portable path otherwise).
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { x86::slice_avx512(cols, lens, c) },
+            Simd::Portable => slice_portable(cols, lens, c),
+        }
+    }
+}
+
+/// Vertices with out-edges by out-degree descending, ties by id (a stable counting sort).
+fn columns_by_out_degree(deg: &[u32]) -> Vec<u32> {
+    let max = deg.iter().copied().max().unwrap_or(0) as usize;
+    let mut start = vec![0u32; max + 2];
+    for &d in deg.iter().filter(|&&d| d > 0) {
+        start[max - d as usize + 1] += 1;
+    }
+    for i in 1..start.len() {
+        start[i] += start[i - 1];
+    }
+    let mut out = vec![0u32; start[max + 1] as usize];
+    for (u, &d) in deg.iter().enumerate().filter(|(_, d)| **d > 0) {
+        let at = &mut start[max - d as usize];
+        out[*at as usize] = u as u32;
+        *at += 1;
+    }
+    out
+}
+
+/// Which code computes slices; all give the same bits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Simd {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl") {
+            return Simd::Avx512;
+        }
+        Simd::Portable
+    }
+}
+
+/// The reference arithmetic (module docs), lane by lane.
+fn slice_portable(cols: &[u32], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
+    std::array::from_fn(|lane| {
+        let mut a = [0f64; 4];
+        for j in 0..lens[lane] as usize {
+            a[j % 4] += c[cols[j * LANES + lane] as usize] as f64;
+        }
+        (a[0] + a[1]) + (a[2] + a[3])
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::LANES;
+
+    /// AVX-512: per step one 8-wide gather of `c` widened to `f64` and added to accumulator
+    /// `j mod 4`; steps where some lane's row has ended use a mask (those lanes neither load
+    /// nor add).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX-512VL; `lens` must be sorted descending with
+    /// `cols.len() = 8 · lens[0]`, and every `cols` entry of a lane below its length must be below
+    /// `c.len()`, which must fit in `i32`.
+    #[target_feature(enable = "avx2,avx512f,avx512vl")]
+    pub(super) unsafe fn slice_avx512(cols: &[u32], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
+        debug_assert_eq!(cols.len(), LANES * lens[0] as usize);
+        let base = c.as_ptr();
+        // SAFETY: `lens` is eight `u32`s (an unaligned 256-bit load).
+        let lens_v = unsafe { _mm256_loadu_si256(lens.as_ptr().cast()) };
+        let (longest, full) = (lens[0] as usize, lens[LANES - 1] as usize & !3);
+        let mut a = [_mm512_setzero_pd(); 4];
+        let mut p = cols.as_ptr();
+        let mut j = 0;
+        while j < full {
+            for acc in &mut a {
+                // SAFETY: step `j < longest` is inside `cols`; every lane is within its row
+                // (j < the shortest length), so every index is a valid position of `c`.
+                let v = unsafe { _mm256_i32gather_ps::<4>(base, _mm256_loadu_si256(p.cast())) };
+                *acc = _mm512_add_pd(*acc, _mm512_cvtps_pd(v));
+                // SAFETY: stays within `cols` or one past its end.
+                p = unsafe { p.add(LANES) };
+            }
+            j += 4;
+        }
+        while j < longest {
+            let live = _mm256_cmpgt_epu32_mask(lens_v, _mm256_set1_epi32(j as i32));
+            // SAFETY: as above; lanes past their row's end are masked off and not loaded.
+            let v = unsafe {
+                _mm256_mmask_i32gather_ps::<4>(_mm256_setzero_ps(), live, _mm256_loadu_si256(p.cast()), base)
+            };
+            let acc = &mut a[j % 4];
+            *acc = _mm512_mask_add_pd(*acc, live, *acc, _mm512_cvtps_pd(v));
+            // SAFETY: stays within `cols` or one past its end.
+            p = unsafe { p.add(LANES) };
+            j += 1;
+        }
+        let sum = _mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3]));
+        let mut out = [0f64; LANES];
+        // SAFETY: `out` is eight `f64`s.
+        unsafe { _mm512_storeu_pd(out.as_mut_ptr(), sum) };
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate;
+    use crate::partition::partition;
+
+    /// The plain loop over CSR rows that the layout must reproduce bit for bit.
+    fn reference(g: &LocalGraph, y: &[f32]) -> Vec<u64> {
+        let deg = g.out_degree();
+        (0..g.owned())
+            .map(|r| {
+                let mut a = [0f64; 4];
+                for (i, &u) in g.row(r).iter().enumerate() {
+                    a[i % 4] += (y[u as usize] / deg[u as usize] as f32) as f64;
+                }
+                ((a[0] + a[1]) + (a[2] + a[3])).to_bits()
+            })
+            .collect()
+    }
+
+    fn check(g: &LocalGraph) {
+        let y: Vec<f32> = (0..g.locals()).map(|i| ((i * 7919) % 1000) as f32 / 997.0).collect();
+        let want = reference(g, &y);
+        let plan = PullPlan::new(g);
+        for simd in [Simd::detect(), Simd::Portable] {
+            let mut got = vec![0f64; g.owned()];
+            plan.pull_with(simd, g, &y, &mut PullScratch::default(), got.par_chunks_mut(WINDOW), |_, sums, out| {
+                out.copy_from_slice(sums);
+                Partials::default()
+            });
+            let got: Vec<u64> = got.iter().map(|s| s.to_bits()).collect();
+            assert!(got == want, "{simd:?} differs from the CSR loop");
+        }
+    }
+
+    #[test]
+    fn layout_sums_equal_the_csr_loop() {
+        // Long and short rows, windows with fewer than eight rows, isolated rows.
+        let g = generate::kronecker(12, 16, 3).unwrap();
+        check(&LocalGraph::whole(&g));
+        for p in partition(&g, 3).unwrap().parts {
+            check(&p.graph);
+        }
+        check(&LocalGraph::whole(&generate::grid(5, 7, false).unwrap()));
+        check(&LocalGraph::whole(&generate::erdos_renyi(100, 40, 1).unwrap()));
+    }
+
+    #[test]
+    fn columns_sort_by_out_degree_then_id() {
+        assert_eq!(columns_by_out_degree(&[2, 0, 5, 2, 1, 5]), vec![2, 5, 0, 3, 4]);
+        assert!(columns_by_out_degree(&[]).is_empty());
+    }
 }

@@ -25,27 +25,35 @@
 //! current iterate; store them with the iterate's combined [`Partials`] (an exact integer and a
 //! float). [`PartitionState::restore`] plus one halo exchange resumes the run bit for bit.
 
+pub use super::pull::{PullPlan, PullScratch};
 use crate::buf::Segment;
 use crate::partition::{HaloSource, LocalGraph, Mirror, Partitioning};
 
 /// A zeroed `f32` vector whose pages the kernel is asked to back with transparent huge pages.
+pub(crate) fn huge_zeroed(len: usize) -> Vec<f32> {
+    let v = vec![0f32; len];
+    advise_huge(&v);
+    v
+}
+
+/// Asks the kernel to back the whole 2 MiB pages inside `v` with transparent huge pages.
 ///
 /// Large zeroed allocations come straight from `mmap` and are untouched until written, so
 /// advising them before the first write is enough. Huge pages cut TLB misses of the random row
 /// accesses by 15–30% on propagation (DESIGN.md); `AlignedBytes` does the same for graph arrays.
-pub(crate) fn huge_zeroed(len: usize) -> Vec<f32> {
-    let v = vec![0f32; len];
+pub(crate) fn advise_huge<T>(v: &[T]) {
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        let (ptr, bytes) = (v.as_ptr() as usize, std::mem::size_of_val(&v[..]));
+        let (ptr, bytes) = (v.as_ptr() as usize, std::mem::size_of_val(v));
         let (start, end) = (ptr.next_multiple_of(HUGE), (ptr + bytes) & !(HUGE - 1));
         if end > start {
             // SAFETY: the range lies inside `v`'s allocation; madvise only changes paging hints.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    v
+    #[cfg(not(target_os = "linux"))]
+    let _ = v;
 }
 
 /// Number of fractional bits of the fixed-point global sums.
@@ -203,7 +211,7 @@ pub trait Kernel: Sync {
         x: &[f32],
         next: &mut [f32],
         aux: &mut [f32],
-        scratch: &mut Vec<f32>,
+        scratch: &mut PullScratch,
     ) -> Partials;
 
     /// The result rows of the owned vertices, given the owned part of the current iterate and
@@ -224,7 +232,7 @@ pub struct PartitionState<P> {
     /// partition never holds its halo twice: at APPNP widths that is hundreds of megabytes).
     next: Vec<f32>,
     aux: Vec<f32>,
-    scratch: Vec<f32>,
+    scratch: PullScratch,
 }
 
 impl<P> PartitionState<P> {
@@ -236,7 +244,7 @@ impl<P> PartitionState<P> {
         let mut aux = Vec::new();
         let partials = kernel.init(g, &prep, &mut cur[..g.owned() * width], &mut aux);
         let next = huge_zeroed(g.owned() * width);
-        (Self { prep, width, owned: g.owned(), cur, next, aux, scratch: Vec::new() }, partials)
+        (Self { prep, width, owned: g.owned(), cur, next, aux, scratch: PullScratch::default() }, partials)
     }
 
     /// Computes the next iterate's owned rows and makes it current (its halo is then stale until
@@ -348,7 +356,7 @@ impl<P> PartitionState<P> {
         cur[..want_values].copy_from_slice(values);
         let next = huge_zeroed(g.owned() * width);
         let prep = kernel.prepare(g);
-        Ok(Self { prep, width, owned: g.owned(), cur, next, aux: aux.to_vec(), scratch: Vec::new() })
+        Ok(Self { prep, width, owned: g.owned(), cur, next, aux: aux.to_vec(), scratch: PullScratch::default() })
     }
 
     /// The result rows of the owned vertices (`owned × width`), consuming the state.

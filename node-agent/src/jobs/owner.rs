@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState};
+use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState, PullScratch};
 use quiver_compute::kernels::{Appnp, Normalization};
 use quiver_compute::partition::LocalGraph;
 use quiver_compute::{Segment, generate};
@@ -172,7 +172,7 @@ impl Kernel for OwnedAppnp {
         x: &[f32],
         next: &mut [f32],
         aux: &mut [f32],
-        scratch: &mut Vec<f32>,
+        scratch: &mut PullScratch,
     ) -> Partials {
         self.view().step(g, prep, globals, x, next, aux, scratch)
     }
