@@ -19,8 +19,8 @@
 use rayon::prelude::*;
 
 use super::pagerank::{Prepared, Teleport, dangling_mass};
-use super::pull::{PullScratch, WINDOW};
-use super::superstep::{ExactSum, Globals, Kernel, Partials};
+use super::pull::{PullScratch, WINDOW, dangling_sum};
+use super::superstep::{Globals, Kernel, Partials};
 use crate::partition::LocalGraph;
 
 /// The heat kernel started from the uniform distribution on `seeds` (sorted, unique, in range).
@@ -69,18 +69,15 @@ impl Kernel for Heat {
         let outdeg = g.out_degree();
         let windows = next.par_chunks_mut(WINDOW).zip(h.par_chunks_mut(WINDOW));
         prep.pull.pull(g, x, scratch, windows, |first, sums, (out, h)| {
-            let mut p = Partials::default();
-            for (i, ((out, h), &sum)) in out.iter_mut().zip(h).zip(sums).enumerate() {
+            let mut residual = 0f32;
+            for ((out, h), &sum) in out.iter_mut().zip(h).zip(sums) {
                 let term = (factor * (sum + spread)) as f32;
                 *out = term;
                 let old = *h;
                 *h += term;
-                p.residual = p.residual.max((*h - old).abs());
-                if outdeg[first + i] == 0 {
-                    p.mass = p.mass + ExactSum::of(term);
-                }
+                residual = residual.max((*h - old).abs());
             }
-            p
+            Partials { mass: dangling_sum(out, &outdeg[first..first + out.len()]), residual }
         })
     }
 

@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::pull::{PullPlan, PullScratch, ROW_CHUNK, WINDOW};
+use super::pull::{PullPlan, PullScratch, ROW_CHUNK, WINDOW, dangling_sum, max_change};
 use super::superstep::{ExactSum, Globals, Kernel, Partials};
 use crate::partition::LocalGraph;
 
@@ -132,17 +132,11 @@ impl Kernel for PageRank {
         let coef = (1.0 - d) + d * globals.mass;
         let (mask, outdeg) = (&prep.mask, g.out_degree());
         prep.pull.pull(g, x, scratch, next.par_chunks_mut(WINDOW), |first, sums, out| {
-            let mut p = Partials::default();
             for (i, (out, &sum)) in out.iter_mut().zip(sums).enumerate() {
-                let row = first + i;
-                let new = (d * sum + coef * mask.at(row, w)) as f32;
-                *out = new;
-                p.residual = p.residual.max((new - x[row]).abs());
-                if outdeg[row] == 0 {
-                    p.mass = p.mass + ExactSum::of(new);
-                }
+                *out = (d * sum + coef * mask.at(first + i, w)) as f32;
             }
-            p
+            let rows = first..first + out.len();
+            Partials { mass: dangling_sum(out, &outdeg[rows.clone()]), residual: max_change(out, &x[rows]) }
         })
     }
 

@@ -28,11 +28,11 @@
 //! plain loop over the CSR (a test compares them on every instruction set this CPU has).
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use rayon::prelude::*;
 
-use super::superstep::Partials;
+use super::superstep::{ExactSum, Partials};
 use crate::partition::LocalGraph;
 
 /// Rows per parallel work item of the row-ordered passes.
@@ -49,6 +49,10 @@ const LONG: u32 = 64;
 /// Lanes of a slice: eight `f64` accumulators fill a 512-bit vector.
 const LANES: usize = 8;
 
+/// Zero bytes after the last slice: a step's indices are read as 16 bytes at offsets 0 and 12,
+/// which for 3-byte columns reaches 4 bytes past its 24; 32-byte loads of 4-byte columns fit.
+const COLS_TAIL: usize = 8;
+
 /// Slices of long rows with at least this many edges (in total) make one parallel work item.
 const ITEM_EDGES: u64 = 1 << 15;
 
@@ -59,7 +63,9 @@ pub struct PullPlan {
     columns: Vec<u32>,
     /// Compact column → its vertex's out-degree as `f32`.
     column_degree: Vec<f32>,
-    /// Per slice: where its sources start in `cols`.
+    /// Bytes per stored column: 3 while the columns fit in 24 bits, else 4.
+    width: usize,
+    /// Per slice: where its sources start in `cols`, in entries (`width` bytes each).
     slice_start: Vec<u64>,
     /// Per slice: its longest row's length (lane 0, rows are sorted).
     slice_len: Vec<u32>,
@@ -67,12 +73,18 @@ pub struct PullPlan {
     lane_row: Vec<u32>,
     /// Per slice and lane: the row's length (0 for an empty lane).
     lane_len: Vec<u32>,
-    /// The slices' sources as compact columns, column-major per slice, padding 0.
-    cols: Vec<u32>,
+    /// The slices' sources as compact columns, little-endian in `width` bytes, column-major per
+    /// slice, padding 0; [`COLS_TAIL`] more zero bytes at the end.
+    cols: Vec<u8>,
     /// Window `w`'s slices are `window_slices[w]..window_slices[w + 1]`.
     window_slices: Vec<u32>,
     /// Ranges of the long rows' slices (after every window's) making parallel work items.
     long_items: Vec<Range<u32>>,
+    /// Per lane of the long rows' slices: the row's rank among the long rows in row order
+    /// (`u32::MAX` for an empty lane), where its sum is kept between the two passes.
+    long_rank: Vec<u32>,
+    /// Long rows before window `w`: `window_long[w]` (one more entry than windows).
+    window_long: Vec<u32>,
 }
 
 /// Reusable memory of the pull sum.
@@ -80,19 +92,23 @@ pub struct PullPlan {
 pub struct PullScratch {
     /// Contributions by compact column.
     contrib: Vec<f32>,
-    /// `f64` bits per owned row, written for long rows only.
+    /// `f64` bits per long row, in row order.
     long_sums: Vec<AtomicU64>,
 }
 
 impl PullPlan {
     /// Lays out `g`'s owned rows (module docs).
     pub(crate) fn new(g: &LocalGraph) -> Self {
+        Self::with_width(g, None)
+    }
+
+    /// [`Self::new`] with `width`-byte columns (tests force 4 on small graphs).
+    fn with_width(g: &LocalGraph, width: Option<usize>) -> Self {
         let columns = columns_by_out_degree(g.out_degree());
-        let column_degree = columns.iter().map(|&u| g.out_degree()[u as usize] as f32).collect();
-        let mut compact = vec![u32::MAX; g.locals()];
-        for (i, &u) in columns.iter().enumerate() {
-            compact[u as usize] = i as u32;
-        }
+        let column_degree = columns.par_iter().map(|&u| g.out_degree()[u as usize] as f32).collect();
+        let compact: Vec<AtomicU32> = (0..g.locals()).into_par_iter().map(|_| AtomicU32::new(u32::MAX)).collect();
+        columns.par_iter().enumerate().for_each(|(i, &u)| compact[u as usize].store(i as u32, Relaxed));
+        let compact: Vec<u32> = compact.into_par_iter().map(AtomicU32::into_inner).collect();
         let offsets = g.offsets();
         let len = |r: usize| (offsets[r + 1] - offsets[r]) as u32;
         let by_length = |rows: &mut Vec<u32>| rows.sort_unstable_by_key(|&r| (std::cmp::Reverse(len(r as usize)), r));
@@ -100,13 +116,26 @@ impl PullPlan {
         let windows: Vec<Vec<u32>> = (0..g.owned().div_ceil(WINDOW))
             .into_par_iter()
             .map(|w| {
+                // A counting sort: lengths are at most LONG.
                 let rows = w * WINDOW..((w + 1) * WINDOW).min(g.owned());
-                let mut rows: Vec<u32> = rows.filter(|&r| (1..=LONG).contains(&len(r))).map(|r| r as u32).collect();
-                by_length(&mut rows);
-                rows
+                let mut at = [0u32; LONG as usize + 2];
+                rows.clone().map(len).filter(|l| (1..=LONG).contains(l)).for_each(|l| at[(LONG - l) as usize + 1] += 1);
+                for i in 1..at.len() {
+                    at[i] += at[i - 1];
+                }
+                let mut sorted = vec![0u32; at[LONG as usize + 1] as usize];
+                for r in rows {
+                    let l = len(r);
+                    if (1..=LONG).contains(&l) {
+                        sorted[at[(LONG - l) as usize] as usize] = r as u32;
+                        at[(LONG - l) as usize] += 1;
+                    }
+                }
+                sorted
             })
             .collect();
-        let mut long: Vec<u32> = (0..g.owned() as u32).into_par_iter().filter(|&r| len(r as usize) > LONG).collect();
+        let by_row: Vec<u32> = (0..g.owned() as u32).into_par_iter().filter(|&r| len(r as usize) > LONG).collect();
+        let mut long = by_row.clone();
         by_length(&mut long);
 
         let mut plan = PullPlan { columns, column_degree, ..PullPlan::default() };
@@ -129,6 +158,10 @@ impl PullPlan {
         let (mut first, mut edges) = (plan.slice_len.len() as u32, 0u64);
         for rows in long.chunks(LANES) {
             add_slice(&mut plan, rows);
+            plan.long_rank.extend(
+                (0..LANES)
+                    .map(|k| rows.get(k).map_or(u32::MAX, |r| by_row.binary_search(r).expect("a long row") as u32)),
+            );
             edges += rows.iter().map(|&r| len(r as usize) as u64).sum::<u64>();
             if edges >= ITEM_EDGES {
                 let end = plan.slice_len.len() as u32;
@@ -140,17 +173,26 @@ impl PullPlan {
             plan.long_items.push(first..plan.slice_len.len() as u32);
         }
 
+        plan.window_long.push(0);
+        let mut at = 0;
+        for w in 0..windows.len() {
+            at += by_row[at..].iter().take_while(|&&r| (r as usize) < (w + 1) * WINDOW).count();
+            plan.window_long.push(at as u32);
+        }
+
         // Fill the work items' disjoint ranges of `cols` in parallel.
-        let mut cols = vec![0u32; total as usize];
+        let width = width.unwrap_or(if plan.columns.len() <= 1 << 24 { 3 } else { 4 });
+        plan.width = width;
+        let mut cols = vec![0u8; total as usize * width + COLS_TAIL];
         super::superstep::advise_huge(&cols);
         let items: Vec<Range<u32>> =
             plan.window_slices.windows(2).map(|w| w[0]..w[1]).chain(plan.long_items.iter().cloned()).collect();
         let mut parts = Vec::with_capacity(items.len());
-        let mut rest = &mut cols[..];
+        let mut rest = &mut cols[..total as usize * width];
         for it in &items {
             let end = plan.slice_start.get(it.end as usize).copied().unwrap_or(total);
-            let (part, tail) =
-                rest.split_at_mut((end - plan.slice_start.get(it.start as usize).map_or(end, |&s| s)) as usize);
+            let entries = end - plan.slice_start.get(it.start as usize).map_or(end, |&s| s);
+            let (part, tail) = rest.split_at_mut(entries as usize * width);
             parts.push(part);
             rest = tail;
         }
@@ -159,16 +201,17 @@ impl PullPlan {
         parts.into_par_iter().zip(items.par_iter()).for_each(|(part, it)| {
             let Some(&base) = starts.get(it.start as usize) else { return };
             for s in it.start as usize..it.end as usize {
-                let out = &mut part[(starts[s] - base) as usize..];
+                let out = &mut part[(starts[s] - base) as usize * width..];
                 let rows: [&[u32]; LANES] = std::array::from_fn(|lane| match lane_row[s * LANES + lane] {
                     u32::MAX => &[][..],
                     r => &sources[offsets[r as usize] as usize..offsets[r as usize + 1] as usize],
                 });
                 // Step-major, so the slice is written front to back once.
-                for (j, step) in out[..LANES * rows[0].len()].chunks_exact_mut(LANES).enumerate() {
-                    for (slot, row) in step.iter_mut().zip(&rows) {
+                let steps = out[..LANES * width * rows[0].len()].chunks_exact_mut(LANES * width);
+                for (j, step) in steps.enumerate() {
+                    for (slot, row) in step.chunks_exact_mut(width).zip(&rows) {
                         if let Some(&u) = row.get(j) {
-                            *slot = compact[u as usize];
+                            slot.copy_from_slice(&compact[u as usize].to_le_bytes()[..width]);
                         }
                     }
                 }
@@ -180,14 +223,15 @@ impl PullPlan {
 
     /// Bytes held by the layout.
     pub fn heap_bytes(&self) -> usize {
-        4 * (2 * self.columns.len()
-            + self.slice_len.len()
-            + self.lane_row.len()
-            + self.lane_len.len()
-            + self.cols.len()
-            + self.window_slices.len())
+        self.cols.len()
+            + 4 * (2 * self.columns.len()
+                + self.slice_len.len()
+                + self.lane_row.len()
+                + self.lane_len.len()
+                + self.window_slices.len())
             + 8 * self.slice_start.len()
             + 8 * self.long_items.len()
+            + 4 * (self.long_rank.len() + self.window_long.len())
     }
 
     /// One pull: the sum over each owned row of `y[u] / outdeg(u)` (module docs), handed to `f`
@@ -233,13 +277,20 @@ impl PullPlan {
                 *c = y[u as usize] / d;
             }
         });
-        if scratch.long_sums.len() != g.owned() {
-            scratch.long_sums = (0..g.owned()).map(|_| AtomicU64::new(0)).collect();
+        let longs = *self.window_long.last().expect("at least one entry") as usize;
+        if scratch.long_sums.len() != longs {
+            scratch.long_sums = (0..longs).map(|_| AtomicU64::new(0)).collect();
         }
         let (c, long_sums) = (&scratch.contrib[..], &scratch.long_sums[..]);
+        let first_long = *self.window_slices.last().expect("at least one entry") as usize;
         self.long_items.par_iter().for_each(|it| {
             for s in it.start as usize..it.end as usize {
-                self.each_row(simd, s, c, |r, sum| long_sums[r as usize].store(sum.to_bits(), Relaxed));
+                let ranks = &self.long_rank[(s - first_long) * LANES..][..LANES];
+                for (&rank, sum) in ranks.iter().zip(self.slice(simd, s, c)) {
+                    if rank != u32::MAX {
+                        long_sums[rank as usize].store(sum.to_bits(), Relaxed);
+                    }
+                }
             }
         });
         let offsets = g.offsets();
@@ -252,9 +303,11 @@ impl PullPlan {
                 for s in self.window_slices[w] as usize..self.window_slices[w + 1] as usize {
                     self.each_row(simd, s, c, |r, sum| buf[r as usize - rows.start] = sum);
                 }
+                let mut rank = self.window_long[w] as usize;
                 for (r, sum) in rows.clone().zip(buf.iter_mut()) {
                     if offsets[r + 1] - offsets[r] > LONG as u64 {
-                        *sum = f64::from_bits(long_sums[r].load(Relaxed));
+                        *sum = f64::from_bits(long_sums[rank].load(Relaxed));
+                        rank += 1;
                     }
                 }
                 f(rows.start, buf, item)
@@ -276,17 +329,56 @@ impl PullPlan {
     /// The eight row sums of slice `s`.
     #[inline]
     fn slice(&self, simd: Simd, s: usize, c: &[f32]) -> [f64; LANES] {
-        let start = self.slice_start[s] as usize;
+        let start = self.slice_start[s] as usize * self.width;
         let lens: &[u32; LANES] = self.lane_len[s * LANES..][..LANES].try_into().expect("eight lanes");
-        let cols = &self.cols[start..start + LANES * self.slice_len[s] as usize];
-        match simd {
-            // SAFETY: AVX-512F/VL were detected; every entry of `cols` is a compact column, below
-            // `columns.len() = c.len()` ≤ `i32::MAX` (`pull` picks the portable path otherwise).
+        // The slice's entries and the bytes after them that its last step's loads may read.
+        let cols = &self.cols[start..start + LANES * self.width * self.slice_len[s] as usize + COLS_TAIL];
+        match (simd, self.width) {
+            // SAFETY: AVX-512F/VL were detected; `cols` holds the slice's steps plus COLS_TAIL
+            // bytes; every entry is a compact column, below `columns.len() = c.len()` ≤ `i32::MAX`
+            // (`pull` picks the portable path otherwise).
             #[cfg(target_arch = "x86_64")]
-            Simd::Avx512 => unsafe { x86::slice_avx512(cols, lens, c) },
-            Simd::Portable => slice_portable(cols, lens, c),
+            (Simd::Avx512, 3) => unsafe { x86::slice_avx512::<3>(cols, lens, c) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, _) => unsafe { x86::slice_avx512::<4>(cols, lens, c) },
+            (Simd::Portable, 3) => slice_portable::<3>(cols, lens, c),
+            (Simd::Portable, _) => slice_portable::<4>(cols, lens, c),
         }
     }
+}
+
+/// The [`ExactSum`] of the `values` of rows whose out-degree is 0 (at most a window of rows).
+///
+/// Dangling rows sit at random positions, so the values are first gathered without a branch:
+/// testing each row cost a mispredicted branch for a large share of the rows.
+pub(crate) fn dangling_sum(values: &[f32], outdeg: &[u32]) -> ExactSum {
+    assert!(values.len() <= WINDOW && outdeg.len() == values.len(), "a window of rows");
+    let mut picked = [0f32; WINDOW];
+    let mut n = 0;
+    for (&v, &d) in values.iter().zip(outdeg) {
+        picked[n] = v;
+        n += usize::from(d == 0);
+    }
+    picked[..n].iter().fold(ExactSum::default(), |a, &v| a + ExactSum::of(v))
+}
+
+/// `max_i |new[i] − old[i]|` (0 for no rows), in eight independent lanes: `max` ignores NaN
+/// and is otherwise associative, so the result equals the sequential maximum.
+pub(crate) fn max_change(new: &[f32], old: &[f32]) -> f32 {
+    assert_eq!(new.len(), old.len(), "rows of one window");
+    let mut lanes = [0f32; 8];
+    let (a, b) = (new.chunks_exact(8), old.chunks_exact(8));
+    let (ra, rb) = (a.remainder(), b.remainder());
+    for (a, b) in a.zip(b) {
+        for k in 0..8 {
+            lanes[k] = lanes[k].max((a[k] - b[k]).abs());
+        }
+    }
+    for (a, b) in ra.iter().zip(rb) {
+        lanes[0] = lanes[0].max((a - b).abs());
+    }
+    lanes.iter().fold(0f32, |m, &l| m.max(l))
 }
 
 /// Vertices with out-edges by out-degree descending, ties by id (a stable counting sort).
@@ -326,12 +418,14 @@ impl Simd {
     }
 }
 
-/// The reference arithmetic (module docs), lane by lane.
-fn slice_portable(cols: &[u32], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
+/// The reference arithmetic (module docs), lane by lane, for `W`-byte columns.
+fn slice_portable<const W: usize>(cols: &[u8], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
     std::array::from_fn(|lane| {
         let mut a = [0f64; 4];
         for j in 0..lens[lane] as usize {
-            a[j % 4] += c[cols[j * LANES + lane] as usize] as f64;
+            let mut bytes = [0u8; 4];
+            bytes[..W].copy_from_slice(&cols[(j * LANES + lane) * W..][..W]);
+            a[j % 4] += c[u32::from_le_bytes(bytes) as usize] as f64;
         }
         (a[0] + a[1]) + (a[2] + a[3])
     })
@@ -343,17 +437,41 @@ mod x86 {
 
     use super::LANES;
 
+    /// The eight column indices of one step, widened to `u32` lanes.
+    ///
+    /// # Safety
+    /// AVX2 must be available; `p` must be readable for 32 bytes (4-byte columns) or 28 bytes
+    /// (3-byte columns: 16 at `p` and 16 at `p + 12`).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn indices<const W: usize>(p: *const u8) -> __m256i {
+        if W == 4 {
+            // SAFETY: 32 readable bytes (the caller's contract).
+            unsafe { _mm256_loadu_si256(p.cast()) }
+        } else {
+            // Columns 0–3 are bytes 0..12 of the low half, columns 4–7 bytes 12..24, loaded as
+            // the high half from `p + 12`; each 3-byte column gets a zero high byte.
+            const Z: i8 = -128;
+            let spread = _mm256_setr_epi8(
+                0, 1, 2, Z, 3, 4, 5, Z, 6, 7, 8, Z, 9, 10, 11, Z, 0, 1, 2, Z, 3, 4, 5, Z, 6, 7, 8, Z, 9, 10, 11, Z,
+            );
+            // SAFETY: 28 readable bytes (the caller's contract).
+            let v = unsafe { _mm256_loadu2_m128i(p.add(12).cast(), p.cast()) };
+            _mm256_shuffle_epi8(v, spread)
+        }
+    }
+
     /// AVX-512: per step one 8-wide gather of `c` widened to `f64` and added to accumulator
     /// `j mod 4`; steps where some lane's row has ended use a mask (those lanes neither load
     /// nor add).
     ///
     /// # Safety
     /// The CPU must support AVX-512F and AVX-512VL; `lens` must be sorted descending with
-    /// `cols.len() = 8 · lens[0]`, and every `cols` entry of a lane below its length must be below
-    /// `c.len()`, which must fit in `i32`.
+    /// `cols.len() = 8 · W · lens[0] + COLS_TAIL`, and every `W`-byte entry of a lane below its
+    /// length must be below `c.len()`, which must fit in `i32`.
     #[target_feature(enable = "avx2,avx512f,avx512vl")]
-    pub(super) unsafe fn slice_avx512(cols: &[u32], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
-        debug_assert_eq!(cols.len(), LANES * lens[0] as usize);
+    pub(super) unsafe fn slice_avx512<const W: usize>(cols: &[u8], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
+        debug_assert_eq!(cols.len(), LANES * W * lens[0] as usize + super::COLS_TAIL);
         let base = c.as_ptr();
         // SAFETY: `lens` is eight `u32`s (an unaligned 256-bit load).
         let lens_v = unsafe { _mm256_loadu_si256(lens.as_ptr().cast()) };
@@ -363,25 +481,24 @@ mod x86 {
         let mut j = 0;
         while j < full {
             for acc in &mut a {
-                // SAFETY: step `j < longest` is inside `cols`; every lane is within its row
-                // (j < the shortest length), so every index is a valid position of `c`.
-                let v = unsafe { _mm256_i32gather_ps::<4>(base, _mm256_loadu_si256(p.cast())) };
+                // SAFETY: step `j < longest` starts inside `cols` and its loads end within the
+                // COLS_TAIL bytes after the last step; every lane is within its row (j < the
+                // shortest length), so every index is a valid position of `c`.
+                let v = unsafe { _mm256_i32gather_ps::<4>(base, indices::<W>(p)) };
                 *acc = _mm512_add_pd(*acc, _mm512_cvtps_pd(v));
-                // SAFETY: stays within `cols` or one past its end.
-                p = unsafe { p.add(LANES) };
+                // SAFETY: stays within `cols`.
+                p = unsafe { p.add(LANES * W) };
             }
             j += 4;
         }
         while j < longest {
             let live = _mm256_cmpgt_epu32_mask(lens_v, _mm256_set1_epi32(j as i32));
             // SAFETY: as above; lanes past their row's end are masked off and not loaded.
-            let v = unsafe {
-                _mm256_mmask_i32gather_ps::<4>(_mm256_setzero_ps(), live, _mm256_loadu_si256(p.cast()), base)
-            };
+            let v = unsafe { _mm256_mmask_i32gather_ps::<4>(_mm256_setzero_ps(), live, indices::<W>(p), base) };
             let acc = &mut a[j % 4];
             *acc = _mm512_mask_add_pd(*acc, live, *acc, _mm512_cvtps_pd(v));
-            // SAFETY: stays within `cols` or one past its end.
-            p = unsafe { p.add(LANES) };
+            // SAFETY: stays within `cols`.
+            p = unsafe { p.add(LANES * W) };
             j += 1;
         }
         let sum = _mm512_add_pd(_mm512_add_pd(a[0], a[1]), _mm512_add_pd(a[2], a[3]));
@@ -415,15 +532,18 @@ mod tests {
     fn check(g: &LocalGraph) {
         let y: Vec<f32> = (0..g.locals()).map(|i| ((i * 7919) % 1000) as f32 / 997.0).collect();
         let want = reference(g, &y);
-        let plan = PullPlan::new(g);
-        for simd in [Simd::detect(), Simd::Portable] {
+        for (plan, simd) in [3, 4]
+            .map(|w| PullPlan::with_width(g, Some(w)))
+            .iter()
+            .flat_map(|p| [(p, Simd::detect()), (p, Simd::Portable)])
+        {
             let mut got = vec![0f64; g.owned()];
             plan.pull_with(simd, g, &y, &mut PullScratch::default(), got.par_chunks_mut(WINDOW), |_, sums, out| {
                 out.copy_from_slice(sums);
                 Partials::default()
             });
             let got: Vec<u64> = got.iter().map(|s| s.to_bits()).collect();
-            assert!(got == want, "{simd:?} differs from the CSR loop");
+            assert!(got == want, "{simd:?} with {}-byte columns differs from the CSR loop", plan.width);
         }
     }
 
