@@ -206,14 +206,9 @@ impl PullPlan {
                     u32::MAX => &[][..],
                     r => &sources[offsets[r as usize] as usize..offsets[r as usize + 1] as usize],
                 });
-                // Step-major, so the slice is written front to back once.
-                let steps = out[..LANES * width * rows[0].len()].chunks_exact_mut(LANES * width);
-                for (j, step) in steps.enumerate() {
-                    for (slot, row) in step.chunks_exact_mut(width).zip(&rows) {
-                        if let Some(&u) = row.get(j) {
-                            slot.copy_from_slice(&compact[u as usize].to_le_bytes()[..width]);
-                        }
-                    }
+                match width {
+                    3 => fill_slice::<3>(out, &rows, &compact),
+                    _ => fill_slice::<4>(out, &rows, &compact),
                 }
             }
         });
@@ -344,6 +339,19 @@ impl PullPlan {
             (Simd::Avx512, _) => unsafe { x86::slice_avx512::<4>(cols, lens, c) },
             (Simd::Portable, 3) => slice_portable::<3>(cols, lens, c),
             (Simd::Portable, _) => slice_portable::<4>(cols, lens, c),
+        }
+    }
+}
+
+/// Writes one slice's columns, step-major (the slice is written front to back once), as
+/// `W`-byte little-endian entries; `rows` are its lanes' source lists, the longest first.
+fn fill_slice<const W: usize>(out: &mut [u8], rows: &[&[u32]; LANES], compact: &[u32]) {
+    for (j, step) in out[..LANES * W * rows[0].len()].chunks_exact_mut(LANES * W).enumerate() {
+        for (slot, row) in step.chunks_exact_mut(W).zip(rows) {
+            if let Some(&u) = row.get(j) {
+                let bytes: [u8; 4] = compact[u as usize].to_le_bytes();
+                slot.copy_from_slice(&bytes[..W]);
+            }
         }
     }
 }
