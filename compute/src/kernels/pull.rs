@@ -23,6 +23,9 @@
 //!   adjacent), so one 8-wide gather serves eight rows, and the eight rows' `i mod 4` accumulators
 //!   are four 8-lane vectors. Lanes past a row's end are masked, never added.
 //!
+//! Small partitions (fewer than [`SLICED_EDGES`] in-edges, the serving path's requests) and CPUs
+//! without AVX-512 skip the layout and sum rows straight from the CSR, with the same arithmetic.
+//!
 //! Rows without in-edges are in no slice; their sum is 0. Renumbering changes which memory holds
 //! a value, never which values a row adds or in which order, so the result is bit-identical to a
 //! plain loop over the CSR (a test compares them on every instruction set this CPU has).
@@ -56,9 +59,20 @@ const COLS_TAIL: usize = 8;
 /// Slices of long rows with at least this many edges (in total) make one parallel work item.
 const ITEM_EDGES: u64 = 1 << 15;
 
+/// Partitions with fewer in-edges than this are summed straight from the CSR: the layout pays
+/// for itself once the contributions outgrow the caches (scale-14 Kronecker steps were already
+/// faster with it), while the serving path's small requests, a few steps over a graph that fits
+/// in L2, would mostly pay for building it.
+const SLICED_EDGES: usize = 1 << 16;
+
 /// A partition's in-edges laid out for the pull sum (module docs).
 #[derive(Debug, Default)]
 pub struct PullPlan {
+    /// Whether rows are sliced; if not, every other field but `windows` is empty and rows are
+    /// summed from the CSR.
+    sliced: bool,
+    /// Windows of rows.
+    windows: usize,
     /// Compact column → local vertex, by out-degree descending, ties by id.
     columns: Vec<u32>,
     /// Compact column → its vertex's out-degree as `f32`.
@@ -98,8 +112,21 @@ pub struct PullScratch {
 
 impl PullPlan {
     /// Lays out `g`'s owned rows (module docs).
+    ///
+    /// Rows are sliced when the partition has at least [`SLICED_EDGES`] in-edges and the CPU has
+    /// the AVX-512 path; otherwise (the portable slice code is the layout's reference, not a fast
+    /// path) they are summed from the CSR. Either way the bits are the same.
     pub(crate) fn new(g: &LocalGraph) -> Self {
-        Self::with_width(g, None)
+        #[cfg(target_arch = "x86_64")]
+        if g.edges() >= SLICED_EDGES && Simd::detect() == Simd::Avx512 && g.locals() <= i32::MAX as usize {
+            return Self::with_width(g, None);
+        }
+        Self::direct(g)
+    }
+
+    /// The plan that sums rows straight from the CSR.
+    fn direct(g: &LocalGraph) -> Self {
+        PullPlan { windows: g.owned().div_ceil(WINDOW), ..PullPlan::default() }
     }
 
     /// [`Self::new`] with `width`-byte columns (tests force 4 on small graphs).
@@ -138,7 +165,7 @@ impl PullPlan {
         let mut long = by_row.clone();
         by_length(&mut long);
 
-        let mut plan = PullPlan { columns, column_degree, ..PullPlan::default() };
+        let mut plan = PullPlan { sliced: true, windows: windows.len(), columns, column_degree, ..PullPlan::default() };
         let mut total = 0u64;
         let mut add_slice = |plan: &mut PullPlan, rows: &[u32]| {
             let longest = len(rows[0] as usize);
@@ -263,7 +290,10 @@ impl PullPlan {
         F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
     {
         assert_eq!(y.len(), g.locals(), "local vector does not match the partition");
-        assert_eq!(windows.len(), self.window_slices.len() - 1, "one item per window of rows");
+        assert_eq!(windows.len(), self.windows, "one item per window of rows");
+        if !self.sliced {
+            return pull_direct(g, y, scratch, windows, f);
+        }
         scratch.contrib.resize(self.columns.len(), 0.0);
         scratch.contrib.par_chunks_mut(1 << 14).enumerate().for_each(|(k, c)| {
             let at = k << 14;
@@ -341,6 +371,59 @@ impl PullPlan {
             (Simd::Portable, _) => slice_portable::<4>(cols, lens, c),
         }
     }
+}
+
+/// [`PullPlan::pull`] straight from the CSR: contributions by local vertex, rows one by one.
+fn pull_direct<T, F>(
+    g: &LocalGraph,
+    y: &[f32],
+    scratch: &mut PullScratch,
+    windows: impl IndexedParallelIterator<Item = T>,
+    f: F,
+) -> Partials
+where
+    F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
+{
+    let deg = g.out_degree();
+    scratch.contrib.clear();
+    scratch.contrib.extend(y.iter().zip(deg).map(|(&y, &d)| if d == 0 { 0.0 } else { y / d as f32 }));
+    let c = &scratch.contrib[..];
+    windows
+        .enumerate()
+        .map_init(Vec::new, |buf: &mut Vec<f64>, (w, item)| {
+            let rows = w * WINDOW..((w + 1) * WINDOW).min(g.owned());
+            buf.clear();
+            let (offsets, sources) = (g.offsets(), g.sources());
+            buf.extend(rows.clone().map(|r| row_sum(&sources[offsets[r] as usize..offsets[r + 1] as usize], c)));
+            f(rows.start, buf, item)
+        })
+        .reduce(Partials::default, Partials::combine)
+}
+
+/// `Σ c[u]` over one row, in the order of the module docs. Four named accumulators, quads then
+/// the remainder: indexing an accumulator array by `i mod 4` kept it in memory, one
+/// store-to-load dependency per edge (twice as slow on small graphs).
+#[inline]
+fn row_sum(row: &[u32], c: &[f32]) -> f64 {
+    let (mut a0, mut a1, mut a2, mut a3) = (0f64, 0f64, 0f64, 0f64);
+    let mut quads = row.chunks_exact(4);
+    for q in &mut quads {
+        a0 += c[q[0] as usize] as f64;
+        a1 += c[q[1] as usize] as f64;
+        a2 += c[q[2] as usize] as f64;
+        a3 += c[q[3] as usize] as f64;
+    }
+    let rest = quads.remainder();
+    if let Some(&u) = rest.first() {
+        a0 += c[u as usize] as f64;
+    }
+    if let Some(&u) = rest.get(1) {
+        a1 += c[u as usize] as f64;
+    }
+    if let Some(&u) = rest.get(2) {
+        a2 += c[u as usize] as f64;
+    }
+    (a0 + a1) + (a2 + a3)
 }
 
 /// Writes one slice's columns, step-major (the slice is written front to back once), as
@@ -551,7 +634,12 @@ mod tests {
                 Partials::default()
             });
             let got: Vec<u64> = got.iter().map(|s| s.to_bits()).collect();
-            assert!(got == want, "{simd:?} with {}-byte columns differs from the CSR loop", plan.width);
+            assert!(
+                got == want,
+                "{simd:?}, sliced {}, {}-byte columns: differs from the CSR loop",
+                plan.sliced,
+                plan.width
+            );
         }
     }
 
