@@ -451,7 +451,15 @@ pub(crate) fn dangling_sum(values: &[f32], outdeg: &[u32]) -> ExactSum {
         picked[n] = v;
         n += usize::from(d == 0);
     }
-    picked[..n].iter().fold(ExactSum::default(), |a, &v| a + ExactSum::of(v))
+    // Runs of equal values (isolated vertices all hold the teleport value) are converted once
+    // and multiplied: k copies of an exact integer sum to k times it, bit for bit.
+    let (mut total, mut rest) = (ExactSum::default(), &picked[..n]);
+    while let Some(&v) = rest.first() {
+        let run = rest.iter().take_while(|x| x.to_bits() == v.to_bits()).count();
+        total = total + ExactSum(ExactSum::of(v).0.wrapping_mul(run as i128));
+        rest = &rest[run..];
+    }
+    total
 }
 
 /// `max_i |new[i] − old[i]|` (0 for no rows), in eight independent lanes: `max` ignores NaN
@@ -653,6 +661,19 @@ mod tests {
         }
         check(&LocalGraph::whole(&generate::grid(5, 7, false).unwrap()));
         check(&LocalGraph::whole(&generate::erdos_renyi(100, 40, 1).unwrap()));
+    }
+
+    #[test]
+    fn dangling_sum_is_the_exact_sum_of_dangling_values() {
+        let values = [0.25f32, 0.5, 0.5, 0.5, 1e-9, 0.5, 3.0, 3.0, -2.0, 0.0];
+        let outdeg = [0u32, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        let want = values
+            .iter()
+            .zip(&outdeg)
+            .filter(|(_, d)| **d == 0)
+            .fold(ExactSum::default(), |a, (&v, _)| a + ExactSum::of(v));
+        assert_eq!(dangling_sum(&values, &outdeg), want);
+        assert_eq!(dangling_sum(&[], &[]), ExactSum::default());
     }
 
     #[test]
