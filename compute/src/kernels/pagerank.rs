@@ -19,7 +19,7 @@
 
 use rayon::prelude::*;
 
-use super::pull::{PullPlan, PullScratch, ROW_CHUNK, WINDOW, dangling_sum, max_change};
+use super::pull::{PullPlan, PullScratch, WINDOW, dangling_sum, max_change};
 use super::superstep::{ExactSum, Globals, Kernel, Partials};
 use crate::partition::LocalGraph;
 
@@ -93,11 +93,9 @@ pub struct PageRank {
 
 /// The mass on dangling owned rows of `x`.
 pub(crate) fn dangling_mass(g: &LocalGraph, x: &[f32]) -> ExactSum {
-    x.par_chunks(ROW_CHUNK)
-        .zip(g.out_degree()[..g.owned()].par_chunks(ROW_CHUNK))
-        .map(|(x, d)| {
-            x.iter().zip(d).filter(|(_, d)| **d == 0).fold(ExactSum::default(), |a, (x, _)| a + ExactSum::of(*x))
-        })
+    x.par_chunks(WINDOW)
+        .zip(g.out_degree()[..g.owned()].par_chunks(WINDOW))
+        .map(|(x, d)| dangling_sum(x, d))
         .reduce(ExactSum::default, |a, b| a + b)
 }
 

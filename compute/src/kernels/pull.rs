@@ -38,9 +38,6 @@ use rayon::prelude::*;
 use super::superstep::{ExactSum, Partials};
 use crate::partition::LocalGraph;
 
-/// Rows per parallel work item of the row-ordered passes.
-pub(crate) const ROW_CHUNK: usize = 2048;
-
 /// Consecutive rows sorted together by length: small enough that a window's sums land in a few
 /// cache lines, large enough that its slices are nearly full and similar in length.
 pub(crate) const WINDOW: usize = 512;
@@ -68,11 +65,11 @@ const SLICED_EDGES: usize = 1 << 16;
 /// A partition's in-edges laid out for the pull sum (module docs).
 #[derive(Debug, Default)]
 pub struct PullPlan {
-    /// Whether rows are sliced; if not, every other field but `windows` is empty and rows are
-    /// summed from the CSR.
+    /// Whether rows are sliced; if not, every other field is empty and rows are summed from the
+    /// CSR.
     sliced: bool,
-    /// Windows of rows.
-    windows: usize,
+    /// The code that sums slices, chosen when the plan is built.
+    simd: Simd,
     /// Compact column → local vertex, by out-degree descending, ties by id.
     columns: Vec<u32>,
     /// Compact column → its vertex's out-degree as `f32`.
@@ -118,19 +115,16 @@ impl PullPlan {
     /// path) they are summed from the CSR. Either way the bits are the same.
     pub(crate) fn new(g: &LocalGraph) -> Self {
         #[cfg(target_arch = "x86_64")]
+        // The vector path's gathers take `i32` indices: every compact column is below `locals`.
         if g.edges() >= SLICED_EDGES && Simd::detect() == Simd::Avx512 && g.locals() <= i32::MAX as usize {
-            return Self::with_width(g, None);
+            return Self::sliced(g, None, Simd::Avx512);
         }
-        Self::direct(g)
+        PullPlan::default()
     }
 
-    /// The plan that sums rows straight from the CSR.
-    fn direct(g: &LocalGraph) -> Self {
-        PullPlan { windows: g.owned().div_ceil(WINDOW), ..PullPlan::default() }
-    }
-
-    /// [`Self::new`] with `width`-byte columns (tests force 4 on small graphs).
-    fn with_width(g: &LocalGraph, width: Option<usize>) -> Self {
+    /// The sliced layout with `width`-byte columns (`None`: the narrowest that fits) summed by
+    /// `simd`, which must be available (tests force either on small graphs).
+    fn sliced(g: &LocalGraph, width: Option<usize>, simd: Simd) -> Self {
         let columns = columns_by_out_degree(g.out_degree());
         let column_degree = columns.par_iter().map(|&u| g.out_degree()[u as usize] as f32).collect();
         let compact: Vec<AtomicU32> = (0..g.locals()).into_par_iter().map(|_| AtomicU32::new(u32::MAX)).collect();
@@ -138,7 +132,6 @@ impl PullPlan {
         let compact: Vec<u32> = compact.into_par_iter().map(AtomicU32::into_inner).collect();
         let offsets = g.offsets();
         let len = |r: usize| (offsets[r + 1] - offsets[r]) as u32;
-        let by_length = |rows: &mut Vec<u32>| rows.sort_unstable_by_key(|&r| (std::cmp::Reverse(len(r as usize)), r));
         // Groups of rows, each sliced on its own: one per window, then the long rows.
         let windows: Vec<Vec<u32>> = (0..g.owned().div_ceil(WINDOW))
             .into_par_iter()
@@ -163,9 +156,9 @@ impl PullPlan {
             .collect();
         let by_row: Vec<u32> = (0..g.owned() as u32).into_par_iter().filter(|&r| len(r as usize) > LONG).collect();
         let mut long = by_row.clone();
-        by_length(&mut long);
+        long.sort_unstable_by_key(|&r| (std::cmp::Reverse(len(r as usize)), r));
 
-        let mut plan = PullPlan { sliced: true, windows: windows.len(), columns, column_degree, ..PullPlan::default() };
+        let mut plan = PullPlan { sliced: true, simd, columns, column_degree, ..PullPlan::default() };
         let mut total = 0u64;
         let mut add_slice = |plan: &mut PullPlan, rows: &[u32]| {
             let longest = len(rows[0] as usize);
@@ -243,19 +236,6 @@ impl PullPlan {
         plan
     }
 
-    /// Bytes held by the layout.
-    pub fn heap_bytes(&self) -> usize {
-        self.cols.len()
-            + 4 * (2 * self.columns.len()
-                + self.slice_len.len()
-                + self.lane_row.len()
-                + self.lane_len.len()
-                + self.window_slices.len())
-            + 8 * self.slice_start.len()
-            + 8 * self.long_items.len()
-            + 4 * (self.long_rank.len() + self.window_long.len())
-    }
-
     /// One pull: the sum over each owned row of `y[u] / outdeg(u)` (module docs), handed to `f`
     /// a window of [`WINDOW`] rows at a time, in parallel, together with the caller's data for
     /// that window: `windows` yields one item per window, in order (for instance
@@ -272,25 +252,8 @@ impl PullPlan {
     where
         F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
     {
-        // The vector path's gathers take `i32` indices.
-        let simd = if self.columns.len() <= i32::MAX as usize { Simd::detect() } else { Simd::Portable };
-        self.pull_with(simd, g, y, scratch, windows, f)
-    }
-
-    fn pull_with<T, F>(
-        &self,
-        simd: Simd,
-        g: &LocalGraph,
-        y: &[f32],
-        scratch: &mut PullScratch,
-        windows: impl IndexedParallelIterator<Item = T>,
-        f: F,
-    ) -> Partials
-    where
-        F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
-    {
         assert_eq!(y.len(), g.locals(), "local vector does not match the partition");
-        assert_eq!(windows.len(), self.windows, "one item per window of rows");
+        assert_eq!(windows.len(), g.owned().div_ceil(WINDOW), "one item per window of rows");
         if !self.sliced {
             return pull_direct(g, y, scratch, windows, f);
         }
@@ -311,11 +274,7 @@ impl PullPlan {
         self.long_items.par_iter().for_each(|it| {
             for s in it.start as usize..it.end as usize {
                 let ranks = &self.long_rank[(s - first_long) * LANES..][..LANES];
-                for (&rank, sum) in ranks.iter().zip(self.slice(simd, s, c)) {
-                    if rank != u32::MAX {
-                        long_sums[rank as usize].store(sum.to_bits(), Relaxed);
-                    }
-                }
+                self.each_lane(s, c, ranks, |rank, sum| long_sums[rank as usize].store(sum.to_bits(), Relaxed));
             }
         });
         let offsets = g.offsets();
@@ -326,7 +285,8 @@ impl PullPlan {
                 buf.clear();
                 buf.resize(rows.len(), 0.0);
                 for s in self.window_slices[w] as usize..self.window_slices[w + 1] as usize {
-                    self.each_row(simd, s, c, |r, sum| buf[r as usize - rows.start] = sum);
+                    let lane_rows = &self.lane_row[s * LANES..][..LANES];
+                    self.each_lane(s, c, lane_rows, |r, sum| buf[r as usize - rows.start] = sum);
                 }
                 let mut rank = self.window_long[w] as usize;
                 for (r, sum) in rows.clone().zip(buf.iter_mut()) {
@@ -340,28 +300,28 @@ impl PullPlan {
             .reduce(Partials::default, Partials::combine)
     }
 
-    /// Hands each row of slice `s` and its sum to `put`.
+    /// Hands the sum of each non-empty lane of slice `s` to `put`, with that lane's entry of
+    /// `keys` (its row, or its rank among the long rows; `u32::MAX` marks an empty lane).
     #[inline]
-    fn each_row(&self, simd: Simd, s: usize, c: &[f32], mut put: impl FnMut(u32, f64)) {
-        let sums = self.slice(simd, s, c);
-        for (&r, sum) in self.lane_row[s * LANES..(s + 1) * LANES].iter().zip(sums) {
-            if r != u32::MAX {
-                put(r, sum);
+    fn each_lane(&self, s: usize, c: &[f32], keys: &[u32], mut put: impl FnMut(u32, f64)) {
+        for (&key, sum) in keys.iter().zip(self.slice(s, c)) {
+            if key != u32::MAX {
+                put(key, sum);
             }
         }
     }
 
     /// The eight row sums of slice `s`.
     #[inline]
-    fn slice(&self, simd: Simd, s: usize, c: &[f32]) -> [f64; LANES] {
+    fn slice(&self, s: usize, c: &[f32]) -> [f64; LANES] {
         let start = self.slice_start[s] as usize * self.width;
         let lens: &[u32; LANES] = self.lane_len[s * LANES..][..LANES].try_into().expect("eight lanes");
         // The slice's entries and the bytes after them that its last step's loads may read.
         let cols = &self.cols[start..start + LANES * self.width * self.slice_len[s] as usize + COLS_TAIL];
-        match (simd, self.width) {
-            // SAFETY: AVX-512F/VL were detected; `cols` holds the slice's steps plus COLS_TAIL
-            // bytes; every entry is a compact column, below `columns.len() = c.len()` ≤ `i32::MAX`
-            // (`pull` picks the portable path otherwise).
+        match (self.simd, self.width) {
+            // SAFETY: AVX-512F/VL are available (`sliced`'s contract); `cols` holds the slice's
+            // steps plus COLS_TAIL bytes; every entry is a compact column, below
+            // `columns.len() = c.len()` ≤ `locals` ≤ `i32::MAX` (`new` checks it).
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512, 3) => unsafe { x86::slice_avx512::<3>(cols, lens, c) },
             // SAFETY: as above.
@@ -500,10 +460,11 @@ fn columns_by_out_degree(deg: &[u32]) -> Vec<u32> {
 }
 
 /// Which code computes slices; all give the same bits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    #[default]
     Portable,
 }
 
@@ -631,20 +592,22 @@ mod tests {
     fn check(g: &LocalGraph) {
         let y: Vec<f32> = (0..g.locals()).map(|i| ((i * 7919) % 1000) as f32 / 997.0).collect();
         let want = reference(g, &y);
-        for (plan, simd) in [3, 4]
-            .map(|w| PullPlan::with_width(g, Some(w)))
-            .iter()
-            .flat_map(|p| [(p, Simd::detect()), (p, Simd::Portable)])
-        {
+        // The direct path, then each width with each slice code.
+        let mut plans = vec![PullPlan::default()];
+        for width in [3, 4] {
+            plans.extend([Simd::detect(), Simd::Portable].map(|simd| PullPlan::sliced(g, Some(width), simd)));
+        }
+        for plan in &plans {
             let mut got = vec![0f64; g.owned()];
-            plan.pull_with(simd, g, &y, &mut PullScratch::default(), got.par_chunks_mut(WINDOW), |_, sums, out| {
+            plan.pull(g, &y, &mut PullScratch::default(), got.par_chunks_mut(WINDOW), |_, sums, out| {
                 out.copy_from_slice(sums);
                 Partials::default()
             });
             let got: Vec<u64> = got.iter().map(|s| s.to_bits()).collect();
             assert!(
                 got == want,
-                "{simd:?}, sliced {}, {}-byte columns: differs from the CSR loop",
+                "{:?}, sliced {}, {}-byte columns: differs from the CSR loop",
+                plan.simd,
                 plan.sliced,
                 plan.width
             );

@@ -25,7 +25,7 @@
 //! current iterate; store them with the iterate's combined [`Partials`] (an exact integer and a
 //! float). [`PartitionState::restore`] plus one halo exchange resumes the run bit for bit.
 
-pub use super::pull::{PullPlan, PullScratch};
+pub use super::pull::PullScratch;
 use crate::buf::Segment;
 use crate::partition::{HaloSource, LocalGraph, Mirror, Partitioning};
 
