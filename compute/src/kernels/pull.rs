@@ -23,8 +23,10 @@
 //!   adjacent), so one 8-wide gather serves eight rows, and the eight rows' `i mod 4` accumulators
 //!   are four 8-lane vectors. Lanes past a row's end are masked, never added.
 //!
+//! With AVX-512 a step is one hardware gather; with AVX2 only, eight scalar loads filling one
+//! vector (on the Zen 3 cores measured, `vgatherdps` was slower than the loads it replaces).
 //! Small partitions (fewer than [`SLICED_EDGES`] in-edges, the serving path's requests) and CPUs
-//! without AVX-512 skip the layout and sum rows straight from the CSR, with the same arithmetic.
+//! without AVX2 skip the layout and sum rows straight from the CSR, with the same arithmetic.
 //!
 //! Rows without in-edges are in no slice; their sum is 0. Renumbering changes which memory holds
 //! a value, never which values a row adds or in which order, so the result is bit-identical to a
@@ -111,13 +113,13 @@ impl PullPlan {
     /// Lays out `g`'s owned rows (module docs).
     ///
     /// Rows are sliced when the partition has at least [`SLICED_EDGES`] in-edges and the CPU has
-    /// the AVX-512 path; otherwise (the portable slice code is the layout's reference, not a fast
-    /// path) they are summed from the CSR. Either way the bits are the same.
+    /// a vector slice code (AVX-512 or AVX2); otherwise (the portable slice code is the layout's
+    /// reference, not a fast path) they are summed from the CSR. Either way the bits are the same.
     pub(crate) fn new(g: &LocalGraph) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        // The vector path's gathers take `i32` indices: every compact column is below `locals`.
-        if g.edges() >= SLICED_EDGES && Simd::detect() == Simd::Avx512 && g.locals() <= i32::MAX as usize {
-            return Self::sliced(g, None, Simd::Avx512);
+        let simd = Simd::detect();
+        // The AVX-512 gathers take `i32` indices: every compact column is below `locals`.
+        if g.edges() >= SLICED_EDGES && simd != Simd::Portable && g.locals() <= i32::MAX as usize {
+            return Self::sliced(g, None, simd);
         }
         PullPlan::default()
     }
@@ -319,7 +321,7 @@ impl PullPlan {
         // The slice's entries and the bytes after them that its last step's loads may read.
         let cols = &self.cols[start..start + LANES * self.width * self.slice_len[s] as usize + COLS_TAIL];
         match (self.simd, self.width) {
-            // SAFETY: AVX-512F/VL are available (`sliced`'s contract); `cols` holds the slice's
+            // SAFETY: the slice code's CPU features are available (`sliced`'s contract); `cols` holds the slice's
             // steps plus COLS_TAIL bytes; every entry is a compact column, below
             // `columns.len() = c.len()` ≤ `locals` ≤ `i32::MAX` (`new` checks it).
             #[cfg(target_arch = "x86_64")]
@@ -327,6 +329,12 @@ impl PullPlan {
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512, _) => unsafe { x86::slice_avx512::<4>(cols, lens, c) },
+            // SAFETY: as above, with AVX2.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, 3) => unsafe { x86::slice_avx2::<3>(cols, lens, c) },
+            // SAFETY: as above, with AVX2.
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, _) => unsafe { x86::slice_avx2::<4>(cols, lens, c) },
             (Simd::Portable, 3) => slice_portable::<3>(cols, lens, c),
             (Simd::Portable, _) => slice_portable::<4>(cols, lens, c),
         }
@@ -464,17 +472,33 @@ fn columns_by_out_degree(deg: &[u32]) -> Vec<u32> {
 enum Simd {
     #[cfg(target_arch = "x86_64")]
     Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     #[default]
     Portable,
 }
 
 impl Simd {
-    fn detect() -> Self {
+    /// Every slice code this CPU runs, fastest first (the portable code always).
+    fn available() -> Vec<Self> {
+        let mut all = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512vl") {
-            return Simd::Avx512;
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx512vl") && has!("avx2") {
+                all.push(Simd::Avx512);
+            }
+            if has!("avx2") {
+                all.push(Simd::Avx2);
+            }
         }
-        Simd::Portable
+        all.push(Simd::Portable);
+        all
+    }
+
+    /// The fastest slice code this CPU runs.
+    fn detect() -> Self {
+        Self::available()[0]
     }
 }
 
@@ -567,6 +591,80 @@ mod x86 {
         unsafe { _mm512_storeu_pd(out.as_mut_ptr(), sum) };
         out
     }
+
+    /// The eight values of `c` at one step's columns, by eight scalar loads: on the AMD cores
+    /// measured (Zen 3), these beat `vgatherdps` (benches/RESULTS.md).
+    ///
+    /// # Safety
+    /// `p` must be readable for `7 · W + 4` bytes; every `W`-byte entry must be below `c.len()`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8<const W: usize>(p: *const u8, base: *const f32) -> __m256 {
+        let at = |k: usize| {
+            // SAFETY: entry `k` and the bytes after it that a 4-byte read reaches are readable;
+            // the entry is a valid position of `c` (the caller's contract).
+            unsafe {
+                let raw = p.add(k * W).cast::<u32>().read_unaligned();
+                *base.add((if W == 3 { raw & 0xFF_FFFF } else { raw }) as usize)
+            }
+        };
+        _mm256_setr_ps(at(0), at(1), at(2), at(3), at(4), at(5), at(6), at(7))
+    }
+
+    /// AVX2: [`slice_avx512`]'s steps with scalar loads ([`load8`]) and each 8-lane accumulator
+    /// split into two 4-lane halves; in steps where some lane's row has ended, that lane loads
+    /// its padding column (0, a valid position) and a blend keeps its accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `lens` must be sorted descending with
+    /// `cols.len() = 8 · W · lens[0] + COLS_TAIL`, padding entries 0, and every `W`-byte entry
+    /// below `c.len()`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn slice_avx2<const W: usize>(cols: &[u8], lens: &[u32; LANES], c: &[f32]) -> [f64; LANES] {
+        debug_assert_eq!(cols.len(), LANES * W * lens[0] as usize + super::COLS_TAIL);
+        let base = c.as_ptr();
+        // Unsigned comparison: a signed compare of values with the top bit flipped.
+        let flip = _mm256_set1_epi32(i32::MIN);
+        // SAFETY: `lens` is eight `u32`s (an unaligned 256-bit load).
+        let lens_v = _mm256_xor_si256(unsafe { _mm256_loadu_si256(lens.as_ptr().cast()) }, flip);
+        let (longest, full) = (lens[0] as usize, lens[LANES - 1] as usize & !3);
+        let (mut lo, mut hi) = ([_mm256_setzero_pd(); 4], [_mm256_setzero_pd(); 4]);
+        let mut p = cols.as_ptr();
+        let mut j = 0;
+        while j < full {
+            for (lo, hi) in lo.iter_mut().zip(&mut hi) {
+                // SAFETY: step `j < longest` is inside `cols`, its reads end within COLS_TAIL
+                // bytes after the last step; every lane is within its row.
+                let v = unsafe { load8::<W>(p, base) };
+                *lo = _mm256_add_pd(*lo, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+                *hi = _mm256_add_pd(*hi, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)));
+                // SAFETY: stays within `cols`.
+                p = unsafe { p.add(LANES * W) };
+            }
+            j += 4;
+        }
+        while j < longest {
+            let live = _mm256_cmpgt_epi32(lens_v, _mm256_xor_si256(_mm256_set1_epi32(j as i32), flip));
+            // SAFETY: as above; lanes past their row's end hold the padding column 0.
+            let v = unsafe { load8::<W>(p, base) };
+            let live_lo = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(live)));
+            let live_hi = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(live)));
+            let (l, h) = (&mut lo[j % 4], &mut hi[j % 4]);
+            *l = _mm256_blendv_pd(*l, _mm256_add_pd(*l, _mm256_cvtps_pd(_mm256_castps256_ps128(v))), live_lo);
+            *h = _mm256_blendv_pd(*h, _mm256_add_pd(*h, _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v))), live_hi);
+            // SAFETY: stays within `cols`.
+            p = unsafe { p.add(LANES * W) };
+            j += 1;
+        }
+        let sum = |a: &[__m256d; 4]| _mm256_add_pd(_mm256_add_pd(a[0], a[1]), _mm256_add_pd(a[2], a[3]));
+        let mut out = [0f64; LANES];
+        // SAFETY: `out` is eight `f64`s: two stores of four.
+        unsafe {
+            _mm256_storeu_pd(out.as_mut_ptr(), sum(&lo));
+            _mm256_storeu_pd(out.as_mut_ptr().add(4), sum(&hi));
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -595,7 +693,7 @@ mod tests {
         // The direct path, then each width with each slice code.
         let mut plans = vec![PullPlan::default()];
         for width in [3, 4] {
-            plans.extend([Simd::detect(), Simd::Portable].map(|simd| PullPlan::sliced(g, Some(width), simd)));
+            plans.extend(Simd::available().into_iter().map(|simd| PullPlan::sliced(g, Some(width), simd)));
         }
         for plan in &plans {
             let mut got = vec![0f64; g.owned()];
