@@ -50,6 +50,10 @@ fn run_writes_npy_and_reports_timings() {
     for key in ["load_seconds", "iterations", "seconds_per_iteration", "edges", "vertices", "peak_rss_bytes"] {
         assert!(!r[key].is_null(), "missing {key} in {r}");
     }
+    // The set-up and the steady iterations, apart: both within the whole compute time.
+    let (first, steady) =
+        (r["first_iteration_seconds"].as_f64().unwrap(), r["steady_seconds_per_iteration"].as_f64().unwrap());
+    assert!(first + steady <= r["compute_seconds"].as_f64().unwrap() + 1e-9, "{r}");
     let npy = std::fs::read(d.join("x.npy")).unwrap();
     assert!(npy.starts_with(b"\x93NUMPY"));
     assert!(String::from_utf8_lossy(&npy[..128]).contains("(64, 3)"));
