@@ -98,6 +98,8 @@ pub struct PullPlan {
     long_rank: Vec<u32>,
     /// Long rows before window `w`: `window_long[w]` (one more entry than windows).
     window_long: Vec<u32>,
+    /// The long rows in row order (indexed by rank).
+    long_rows: Vec<u32>,
 }
 
 /// Reusable memory of the pull sum.
@@ -201,6 +203,7 @@ impl PullPlan {
             at += by_row[at..].iter().take_while(|&&r| (r as usize) < (w + 1) * WINDOW).count();
             plan.window_long.push(at as u32);
         }
+        plan.long_rows = by_row;
 
         // Fill the work items' disjoint ranges of `cols` in parallel.
         let width = width.unwrap_or(if plan.columns.len() <= 1 << 24 { 3 } else { 4 });
@@ -279,7 +282,6 @@ impl PullPlan {
                 self.each_lane(s, c, ranks, |rank, sum| long_sums[rank as usize].store(sum.to_bits(), Relaxed));
             }
         });
-        let offsets = g.offsets();
         windows
             .enumerate()
             .map_init(Vec::new, |buf: &mut Vec<f64>, (w, item)| {
@@ -290,12 +292,8 @@ impl PullPlan {
                     let lane_rows = &self.lane_row[s * LANES..][..LANES];
                     self.each_lane(s, c, lane_rows, |r, sum| buf[r as usize - rows.start] = sum);
                 }
-                let mut rank = self.window_long[w] as usize;
-                for (r, sum) in rows.clone().zip(buf.iter_mut()) {
-                    if offsets[r + 1] - offsets[r] > LONG as u64 {
-                        *sum = f64::from_bits(long_sums[rank].load(Relaxed));
-                        rank += 1;
-                    }
+                for rank in self.window_long[w] as usize..self.window_long[w + 1] as usize {
+                    buf[self.long_rows[rank] as usize - rows.start] = f64::from_bits(long_sums[rank].load(Relaxed));
                 }
                 f(rows.start, buf, item)
             })
