@@ -178,10 +178,7 @@ fn run_in_pool(a: &RunArgs, threads: usize) -> Result<()> {
     let out = kernels::run_observed(&g, &params, a.partitions, &mut |_| ends.push(t.elapsed().as_secs_f64()))?;
     let compute_seconds = t.elapsed().as_secs_f64();
     let first_iteration = ends.first().copied();
-    let steady_per_iteration = match (ends.first(), ends.last()) {
-        (Some(first), Some(last)) if ends.len() > 1 => Some((last - first) / (ends.len() - 1) as f64),
-        _ => None,
-    };
+    let steady_per_iteration = (ends.len() > 1).then(|| (ends[ends.len() - 1] - ends[0]) / (ends.len() - 1) as f64);
     progress.finish();
     if let Some(path) = &a.out {
         let shape: Vec<usize> = if out.width == 1 { vec![g.vertices()] } else { vec![g.vertices(), out.width] };

@@ -319,8 +319,8 @@ impl PullPlan {
         // The slice's entries and the bytes after them that its last step's loads may read.
         let cols = &self.cols[start..start + LANES * self.width * self.slice_len[s] as usize + COLS_TAIL];
         match (self.simd, self.width) {
-            // SAFETY: the slice code's CPU features are available (`sliced`'s contract); `cols` holds the slice's
-            // steps plus COLS_TAIL bytes; every entry is a compact column, below
+            // SAFETY: the slice code's CPU features are available (`sliced`'s contract); `cols`
+            // holds the slice's steps plus COLS_TAIL bytes; every entry is a compact column, below
             // `columns.len() = c.len()` ≤ `locals` ≤ `i32::MAX` (`new` checks it).
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx512, 3) => unsafe { x86::slice_avx512::<3>(cols, lens, c) },
