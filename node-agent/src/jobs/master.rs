@@ -340,19 +340,23 @@ pub async fn run_master(
     job.graph.release_resident();
     drop(tx);
 
-    let (mut iterations, mut residual, mut partials) = match &job.resume {
+    let (init_seconds, (mut iterations, mut residual, mut partials)) = match &job.resume {
         Some(r) => {
-            collect(&mut rx, r.step, &job.owners, None).await?;
-            (r.step, r.partials.residual, r.partials)
+            let got = collect(&mut rx, r.step, &job.owners, None).await?;
+            (got.slowest, (r.step, r.partials.residual, r.partials))
         }
-        None => (0, f32::INFINITY, collect(&mut rx, 0, &job.owners, None).await?.partials),
+        None => {
+            let got = collect(&mut rx, 0, &job.owners, None).await?;
+            (got.slowest, (0, f32::INFINITY, got.partials))
+        }
     };
     tracing::info!(
         job = job.key.job,
         epoch = job.key.epoch,
         cut_seconds,
+        init_seconds,
         ready_seconds = started.elapsed().as_secs_f64(),
-        "every owner holds its partition"
+        "every owner holds its partition (init: the slowest owner's state and kernel set-up)"
     );
     let mut since_checkpoint = 0f64;
     let (steps_started, mut slowest_sum) = (Instant::now(), 0f64);

@@ -633,9 +633,21 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     }
     let peer = s.peer;
     let setup = async {
+        let t = Instant::now();
         let frame =
             s.recv.recv_frame().await.map_err(|e| e.to_string())?.ok_or("the stream ended before the partition")?;
+        let received = t.elapsed().as_secs_f64();
         let part = OwnedPart::from_frame(&frame)?;
+        tracing::info!(
+            peer = %s.peer,
+            job = key.job,
+            epoch = key.epoch,
+            partition = part.index,
+            bytes = frame.payload_len(),
+            receive_seconds = received,
+            check_seconds = t.elapsed().as_secs_f64() - received,
+            "partition received"
+        );
         let plan = match s.recv.recv_message::<JobMessage>().await.map_err(|e| e.to_string())? {
             Some(JobMessage { body: Some(job_message::Body::Plan(plan)) }) => plan,
             _ => return Err("expected the job plan after the partition".to_string()),
