@@ -276,7 +276,9 @@ mod x86 {
         _mm512_reduce_max_ps(res)
     }
 
-    /// AVX2 + FMA: 32 columns per pass in four `ymm` accumulators, masked loads for the tail.
+    /// AVX2 + FMA: whole blocks of 64 columns in eight `ymm` accumulators (one pass over the
+    /// row per block: each edge asks for its feature row's four cache lines at once), then what
+    /// is left in passes of 32 columns in four accumulators with masked loads.
     ///
     /// # Safety
     /// The CPU must support AVX2 and FMA, and `r` must satisfy `Row`'s invariant.
@@ -287,6 +289,37 @@ mod x86 {
         let mut res = _mm256_setzero_ps();
         let sign = _mm256_set1_ps(-0.0);
         let mut c0 = 0;
+        while d - c0 >= 64 {
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut edge = |u: u32| {
+                // SAFETY: `u` is below `w.len()` and row `u` of `x` holds `d ≥ c0 + 64` values
+                // (`Row`'s invariant), so the eight loads stay inside it.
+                unsafe {
+                    let wu = _mm256_set1_ps(*r.w.get_unchecked(u as usize));
+                    let p = xp.add(u as usize * d + c0);
+                    for (k, acc) in a.iter_mut().enumerate() {
+                        *acc = _mm256_fmadd_ps(wu, _mm256_loadu_ps(p.add(8 * k)), *acc);
+                    }
+                }
+            };
+            for &u in r.list {
+                edge(u);
+            }
+            edge(r.this);
+            let (scale, alpha) = (_mm256_set1_ps(r.scale), _mm256_set1_ps(r.alpha));
+            for (k, acc) in a.into_iter().enumerate() {
+                let at = c0 + 8 * k;
+                // SAFETY: `x0` and `out` hold `d` values and row `this` of `x` does (`Row`'s
+                // invariant), and `at + 8 ≤ d`.
+                unsafe {
+                    let new = _mm256_fmadd_ps(scale, acc, _mm256_mul_ps(alpha, _mm256_loadu_ps(r.x0.as_ptr().add(at))));
+                    _mm256_storeu_ps(out.as_mut_ptr().add(at), new);
+                    let old = _mm256_loadu_ps(xp.add(r.this as usize * d + at));
+                    res = _mm256_max_ps(res, _mm256_andnot_ps(sign, _mm256_sub_ps(new, old)));
+                }
+            }
+            c0 += 64;
+        }
         while c0 < d {
             let width = (d - c0).min(32);
             let m = |k: usize| -> __m256i {
