@@ -21,13 +21,16 @@
 //! ```
 //!
 //! Lanes are independent, so the AVX-512 path (16 columns per register, four registers: 64
-//! columns per pass over the row), the AVX2+FMA path (8 per register, 32 per pass) and the
-//! portable path (`f32::mul_add`, correctly rounded everywhere) compute identical bits; which one
-//! runs is detected at run time and can never change a result. The accumulators stay in
-//! registers and each edge costs one broadcast of `w(u)` and one FMA per register (DESIGN.md:
-//! an accumulator array on the stack made the compiler gather across edges, 5–9× slower).
+//! columns per pass over the row), the AVX2+FMA path (8 per register, eight registers: 64 columns
+//! per pass, then passes of 32 for what is left) and the portable path (`f32::mul_add`, correctly
+//! rounded everywhere) compute identical bits; which one runs is detected at run time and can
+//! never change a result. The accumulators stay in registers and each edge costs one broadcast of
+//! `w(u)` and one FMA per register (DESIGN.md: an accumulator array on the stack made the
+//! compiler gather across edges, 5–9× slower). One pass per 64 columns asks for a feature row's
+//! four cache lines together; the AVX2 path's earlier two passes of 32 were 1.4–1.6× slower.
 //! Software prefetching of the feature rows 8–32 edges ahead was measured and made steps
-//! 40% slower in CPU time (scale 20, d = 64): the out-of-order core already overlaps the loads.
+//! 40% slower in CPU time (scale 20, d = 64): the out-of-order core already overlaps the loads;
+//! with the 64-column passes (8 or 16 edges ahead) it was no better than without.
 //! Column blocking (one pass over the graph per 16 or 32 columns, so each pass touches one cache
 //! line per feature row) was 2–4× slower: re-streaming the edges costs more than it saves.
 
