@@ -151,7 +151,8 @@ impl Kernel for Appnp<'_> {
 }
 
 /// Everything one output row needs. Invariant (checked by [`LocalGraph`]'s constructors and the
-/// asserts in `step`): every id in `list` and `this` is below `w.len()`, and `x.len() == w.len() * d`.
+/// asserts in `step`): every id in `list` and `this` is below `w.len()`, `x.len() == w.len() * d`
+/// and `x0.len() == d` (the last checked again by [`Simd::row`], with the output's length).
 struct Row<'a> {
     list: &'a [u32],
     this: u32,
@@ -189,6 +190,8 @@ impl Simd {
     /// Computes one row into `out`; returns its L∞ change.
     #[inline]
     fn row(self, r: &Row<'_>, out: &mut [f32]) -> f32 {
+        // The SIMD paths read `x0` and write `out` by raw pointer, `d` values each.
+        assert!(out.len() == r.d && r.x0.len() == r.d, "APPNP row: output or x0 is not {} wide", r.d);
         match self {
             // SAFETY: the CPU supports AVX-512F (detected above); `Row`'s invariant holds.
             #[cfg(target_arch = "x86_64")]
@@ -312,8 +315,8 @@ mod x86 {
             let (scale, alpha) = (_mm256_set1_ps(r.scale), _mm256_set1_ps(r.alpha));
             for (k, acc) in a.into_iter().enumerate() {
                 let at = c0 + 8 * k;
-                // SAFETY: `x0` and `out` hold `d` values and row `this` of `x` does (`Row`'s
-                // invariant), and `at + 8 ≤ d`.
+                // SAFETY: `x0` and `out` hold `d` values (`Row`'s invariant, asserted in
+                // `Simd::row`) and so does row `this` of `x`, and `at + 8 ≤ d`.
                 unsafe {
                     let new = _mm256_fmadd_ps(scale, acc, _mm256_mul_ps(alpha, _mm256_loadu_ps(r.x0.as_ptr().add(at))));
                     _mm256_storeu_ps(out.as_mut_ptr().add(at), new);
