@@ -8,8 +8,9 @@
 //! supersteps, the result stored) as a ratio to `quiver run`'s compute (its load excluded: the
 //! stricter ratio) and to its whole command (process start to exit, load and result write
 //! included, as `time` would show it), the steady superstep time (first to last superstep report)
-//! as a ratio to `quiver run`'s iteration, whether the result digests match, and every agent's peak RSS (the first agent takes the submit, so it is the
-//! job's holder and master: it keeps the graph file mapped and its checkpoints besides its own third).
+//! as a ratio to `quiver run`'s iteration, whether the result digests match, and every agent's
+//! peak RSS (the first agent takes the submit, so it is the job's holder and master: it keeps the
+//! graph file mapped and its checkpoints besides its own third).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -340,15 +340,13 @@ pub async fn run_master(
     job.graph.release_resident();
     drop(tx);
 
-    let (init_seconds, (mut iterations, mut residual, mut partials)) = match &job.resume {
-        Some(r) => {
-            let got = collect(&mut rx, r.step, &job.owners, None).await?;
-            (got.slowest, (r.step, r.partials.residual, r.partials))
-        }
-        None => {
-            let got = collect(&mut rx, 0, &job.owners, None).await?;
-            (got.slowest, (0, f32::INFINITY, got.partials))
-        }
+    // Every owner reports once it holds its state: the iterate it starts from (resuming, empty
+    // partials, the checkpoint's combined ones being the master's already).
+    let got = collect(&mut rx, job.resume.as_ref().map_or(0, |r| r.step), &job.owners, None).await?;
+    let init_seconds = got.slowest;
+    let (mut iterations, mut residual, mut partials) = match &job.resume {
+        Some(r) => (r.step, r.partials.residual, r.partials),
+        None => (0, f32::INFINITY, got.partials),
     };
     tracing::info!(
         job = job.key.job,
