@@ -26,11 +26,13 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 
 use crate::buf::Segment;
 use crate::csr::Csr;
+use crate::kernels::pull::PullPlan;
 
 /// Why a graph could not be partitioned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,6 +102,9 @@ pub struct LocalGraph {
     sources: Segment<u32>,
     out_degree: Segment<u32>,
     in_degree: Segment<u32>,
+    /// The pull sum's layout of these rows, built on first use and shared by every clone (a
+    /// partition kept for later jobs keeps its plan too).
+    pull: Arc<OnceLock<Arc<PullPlan>>>,
 }
 
 impl LocalGraph {
@@ -116,6 +121,7 @@ impl LocalGraph {
             sources: g.sources().clone(),
             out_degree: g.out_degree().clone(),
             in_degree,
+            pull: Arc::default(),
         }
     }
 
@@ -148,7 +154,18 @@ impl LocalGraph {
         if sources.par_iter().any(|&u| u as usize >= locals) {
             return bad("a source is not a local vertex");
         }
-        Ok(Self { first, owned, locals, offsets, sources, out_degree, in_degree })
+        Ok(Self { first, owned, locals, offsets, sources, out_degree, in_degree, pull: Arc::default() })
+    }
+
+    /// The pull sum's layout of these rows ([`PullPlan`]), built on the calling thread the first
+    /// time any clone of this graph asks, then shared.
+    pub(crate) fn pull_plan(&self) -> Arc<PullPlan> {
+        self.pull.get_or_init(|| Arc::new(PullPlan::new(self))).clone()
+    }
+
+    /// Bytes of the pull plan, if it has been built.
+    pub fn pull_plan_bytes(&self) -> usize {
+        self.pull.get().map_or(0, |p| p.bytes())
     }
 
     /// The arrays, as shared segments (for sending a partition without copying it):
@@ -343,7 +360,16 @@ fn build_partition(g: &Csr, index: usize, range: Range<u32>, bounds: &[u32]) -> 
     }
     Partition {
         index,
-        graph: LocalGraph { first: range.start, owned, locals, offsets, sources, out_degree, in_degree },
+        graph: LocalGraph {
+            first: range.start,
+            owned,
+            locals,
+            offsets,
+            sources,
+            out_degree,
+            in_degree,
+            pull: Arc::default(),
+        },
         halo,
         halo_sources,
         mirrors: Vec::new(),

@@ -114,6 +114,11 @@ pub struct AgentArgs {
     /// caps it at net.core.rmem_max unless the agent has CAP_NET_ADMIN.
     #[arg(long, env = "QUIVER_UDP_BUFFER", value_name = "BYTES")]
     pub udp_buffer: Option<usize>,
+    /// Bytes of graph partitions this node keeps after their jobs succeed, so that the next job
+    /// on the same graph (same content, same partition count) skips cutting and shipping them
+    /// (default: 1 GiB; 0 keeps none). Least recently used partitions go first.
+    #[arg(long, env = "QUIVER_PARTITION_CACHE", value_name = "BYTES")]
+    pub partition_cache: Option<u64>,
     /// For chaos drills only: put the fault-injecting socket under the peer transport and serve
     /// `POST /chaos/net` (drop, delay, duplicate, reorder, partition) on the HTTP port. Costs
     /// UDP segmentation offload; never use it in production.
@@ -143,6 +148,7 @@ struct FileConfig {
     serve_forward_threshold: Option<usize>,
     congestion: Option<CongestionControl>,
     udp_buffer: Option<usize>,
+    partition_cache: Option<u64>,
     fault_injection: Option<bool>,
 }
 
@@ -184,6 +190,8 @@ pub struct AgentConfig {
     pub congestion: CongestionControl,
     /// `--udp-buffer`: the peer socket's receive buffer in bytes (0: the kernel's default).
     pub udp_buffer: usize,
+    /// `--partition-cache`: bytes of partitions kept for later jobs on the same graph.
+    pub partition_cache: u64,
     /// `--fault-injection`: the chaos layer under the transport and its HTTP control.
     pub fault_injection: bool,
 }
@@ -321,6 +329,10 @@ impl AgentArgs {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             congestion: self.congestion.or(file.congestion).unwrap_or_default(),
             udp_buffer: self.udp_buffer.or(file.udp_buffer).unwrap_or(0),
+            partition_cache: self
+                .partition_cache
+                .or(file.partition_cache)
+                .unwrap_or(quiver_node_agent::jobs::DEFAULT_PARTITION_CACHE_BYTES),
             fault_injection: self.fault_injection || file.fault_injection.unwrap_or(false),
         })
     }
@@ -400,6 +412,8 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 9001);
         assert_eq!(c.http_addr.port(), 9002);
         assert_eq!(with_file("udp_buffer = 4194304\n", args()).unwrap().udp_buffer, 4 << 20);
+        assert_eq!(c.partition_cache, quiver_node_agent::jobs::DEFAULT_PARTITION_CACHE_BYTES);
+        assert_eq!(with_file("partition_cache = 0\n", args()).unwrap().partition_cache, 0);
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn master_job(g: &Arc<Csr>, params: &Params<'_>, job: u64, epoch: u64, owners: &
     MasterJob {
         key: JobKey { job, epoch },
         graph: g.clone(),
-        graph_digest: [0; 32],
+        graph_digest: digest_of(g),
         kernel,
         features,
         stop: params.stop,
@@ -99,6 +99,17 @@ fn master_job(g: &Arc<Csr>, params: &Params<'_>, job: u64, epoch: u64, owners: &
         checkpoint_seconds: 0.0,
         resume: None,
     }
+}
+
+/// A stand-in for the graph file's SHA-256 (what names a graph, and so its kept partitions): a
+/// hash of its arrays, distinct for the graphs these tests use.
+fn digest_of(g: &Csr) -> [u8; 32] {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&g.offsets()[..], &g.sources()[..]).hash(&mut h);
+    let mut d = [0u8; 32];
+    d[..8].copy_from_slice(&h.finish().to_le_bytes());
+    d
 }
 
 /// Runs a master to its end the way the agent does: a lost link is a retryable error, answered by
@@ -180,6 +191,61 @@ async fn every_kernel_matches_the_single_process_run_on_any_placement() {
         let (out, _, _) = run_to_end(&nodes[0].rt, &mj, false).await;
         assert_eq!(bits(&out.to_vec()), bits(&reference), "seeded appnp on {owners:?}");
     }
+}
+
+/// A second job on the same graph and partition count finds every partition kept by its owner
+/// from the first (nothing is cut or sent), for any kernel, with the same bits; another graph, or
+/// another partition count, is cut and shipped again; a zero capacity keeps nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_partitions_serve_the_next_job_on_the_same_graph() {
+    let nodes = cluster(3);
+    connected(&nodes).await;
+    let g = Arc::new(generate::kronecker(9, 8, 11).unwrap());
+    let other = Arc::new(generate::kronecker(9, 8, 12).unwrap());
+    let seeds = [5u32, 9];
+    let pagerank = Params { algorithm: Algorithm::PageRank { damping: 0.85 }, stop: Stop::iterations(10) };
+    let ppr = Params {
+        algorithm: Algorithm::PersonalizedPageRank { damping: 0.85, seeds: &seeds },
+        stop: Stop::iterations(10),
+    };
+    let lookups = || nodes.iter().map(|n| n.rt.partition_cache().lookups()).collect::<Vec<_>>();
+    // Owners keep their partition once they have sent their result; wait for the last of them.
+    let nodes = &nodes;
+    let kept = |want: usize| async move {
+        tokio::time::timeout(DEADLINE, async {
+            while nodes.iter().map(|n| n.rt.partition_cache().len()).sum::<usize>() < want {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the owners kept their partitions in time");
+    };
+    let owners = [1u64, 2, 3];
+    let check = |got: Vec<f32>, params: &Params<'_>, g: &Csr, what: &str| {
+        let reference = kernels::run(g, params, 1).unwrap().values;
+        assert_eq!(bits(&got), bits(&reference), "{what}");
+    };
+
+    check(distributed(nodes, &g, &pagerank, &owners, 1).await, &pagerank, &g, "cold pagerank");
+    kept(3).await;
+    let before = lookups();
+    check(distributed(nodes, &g, &ppr, &owners, 2).await, &ppr, &g, "ppr on kept partitions");
+    let after = lookups();
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert_eq!((a.0 - b.0, a.1 - b.1), (1, 0), "node {}: one hit, no miss", i + 1);
+    }
+    // Another graph: every owner misses, gets its partition, and the results are that graph's.
+    check(distributed(nodes, &other, &pagerank, &owners, 3).await, &pagerank, &other, "another graph");
+    let third = lookups();
+    assert!(third.iter().zip(&after).all(|(t, a)| t.1 == a.1 + 1), "{third:?} after {after:?}");
+    // Another partition count on the first graph: cut again.
+    check(distributed(nodes, &g, &pagerank, &[2, 3], 4).await, &pagerank, &g, "two partitions");
+    // Nothing kept with a zero capacity.
+    for n in nodes {
+        n.rt.partition_cache().set_capacity(0);
+    }
+    check(distributed(nodes, &g, &pagerank, &owners, 5).await, &pagerank, &g, "without a cache");
+    assert!(nodes.iter().all(|n| n.rt.partition_cache().is_empty()));
 }
 
 /// Halos cut into many small pieces (a piece is a few rows) arrive in order, land in the right

@@ -33,7 +33,7 @@
 mod appnp;
 mod heat;
 mod pagerank;
-mod pull;
+pub(crate) mod pull;
 pub mod superstep;
 
 pub use appnp::{Appnp, Normalization};

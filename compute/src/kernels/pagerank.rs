@@ -75,12 +75,12 @@ impl TeleportMask {
 #[derive(Debug)]
 pub struct Prepared {
     pub(crate) mask: TeleportMask,
-    pub(crate) pull: PullPlan,
+    pub(crate) pull: std::sync::Arc<PullPlan>,
 }
 
 impl Prepared {
     pub(crate) fn new(t: &Teleport, g: &LocalGraph) -> Self {
-        Self { mask: TeleportMask::new(t, g), pull: PullPlan::new(g) }
+        Self { mask: TeleportMask::new(t, g), pull: g.pull_plan() }
     }
 }
 

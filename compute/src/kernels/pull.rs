@@ -112,6 +112,25 @@ pub struct PullScratch {
 }
 
 impl PullPlan {
+    /// Bytes the plan holds.
+    pub(crate) fn bytes(&self) -> usize {
+        fn b<T>(v: &[T]) -> usize {
+            std::mem::size_of_val(v)
+        }
+        b(&self.columns)
+            + b(&self.column_degree)
+            + b(&self.slice_start)
+            + b(&self.slice_len)
+            + b(&self.lane_row)
+            + b(&self.lane_len)
+            + b(&self.cols)
+            + b(&self.window_slices)
+            + b(&self.long_items)
+            + b(&self.long_rank)
+            + b(&self.window_long)
+            + b(&self.long_rows)
+    }
+
     /// Lays out `g`'s owned rows (module docs).
     ///
     /// Rows are sliced when the partition has at least [`SLICED_EDGES`] in-edges and the CPU has

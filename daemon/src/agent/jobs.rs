@@ -53,6 +53,44 @@ use super::peer;
 const PROPOSE_WITHIN: Duration = Duration::from_secs(5);
 /// Graphs kept in memory after admission (the next job on the same graph skips the load).
 const GRAPH_CACHE: usize = 2;
+/// Graph files whose digests are remembered (a by-path submit of an unchanged file skips
+/// hashing it).
+const FILE_DIGESTS: usize = 16;
+
+/// What identifies one version of a file without reading it: device, inode, length, and the
+/// modification and status-change times in nanoseconds. The status-change time cannot be set by
+/// a program, so any write to the file changes the stamp.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// Whether the file's last change is at least a second in the past: a write in the same
+    /// timestamp tick as the change we saw would leave the stamp as it is (Git's "racy clean").
+    fn settled(&self) -> bool {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as i128);
+        now - self.ctime_ns.max(self.mtime_ns) >= 1_000_000_000
+    }
+}
 
 /// This node's part in running jobs.
 pub struct JobsHost {
@@ -60,6 +98,8 @@ pub struct JobsHost {
     results: PathBuf,
     tls_dir: PathBuf,
     graphs: Mutex<Vec<([u8; 32], Arc<Csr>)>>,
+    /// Graph files hashed recently: path, what the file looked like, its digest.
+    files: Mutex<Vec<(PathBuf, FileStamp, [u8; 32])>>,
     progress: dashmap::DashMap<u64, watch::Sender<JobProgress>>,
     masters: Mutex<HashMap<u64, (u64, AbortHandle)>>,
     /// New epochs taken per job after lost nodes (reset when it completes).
@@ -73,6 +113,7 @@ impl JobsHost {
             results: data_dir.join("results"),
             tls_dir: tls_dir.to_path_buf(),
             graphs: Mutex::new(Vec::new()),
+            files: Mutex::new(Vec::new()),
             progress: dashmap::DashMap::new(),
             masters: Mutex::new(HashMap::new()),
             retries: Mutex::new(HashMap::new()),
@@ -97,7 +138,9 @@ impl JobsHost {
     /// Loads and checks what a submit asks for, before it is recorded: the graph (at `path`, in
     /// the spec's format), the kernel parameters against it, and the partition shapes for the
     /// scheduler. `partitions` is the count to cut when the spec leaves it at 0. Without a known
-    /// `digest` the file's SHA-256 is taken while it loads. Returns the digest and the shapes.
+    /// `digest` the file's SHA-256 is taken while it loads, unless this very file was hashed by a
+    /// recent submit and has not changed since (its graph is then still in memory). Returns the
+    /// digest and the shapes.
     pub async fn prepare(
         &self,
         shared: &Shared,
@@ -108,17 +151,25 @@ impl JobsHost {
     ) -> Result<([u8; 32], Vec<PartitionShape>), Status> {
         let (digest, g) = match digest {
             Some(d) => (d, self.graph(shared, spec, path, d).await),
-            None => {
-                let hashed = {
-                    let path = path.to_path_buf();
-                    tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
-                };
-                let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
-                let d = hashed
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
-                (d, loaded.map(|g| self.remember(d, g)))
-            }
+            None => match self.known_file(path) {
+                // The same file as a recent submit's, unchanged since: its graph is in memory.
+                Some((d, g)) => (d, Ok(g)),
+                None => {
+                    let before = FileStamp::of(path);
+                    let hashed = {
+                        let path = path.to_path_buf();
+                        tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
+                    };
+                    let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
+                    let d = hashed
+                        .map_err(|e| Status::internal(e.to_string()))?
+                        .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
+                    if let (Some(stamp), Ok(_)) = (before, &loaded) {
+                        self.remember_file(path, stamp, d);
+                    }
+                    (d, loaded.map(|g| self.remember(d, g)))
+                }
+            },
         };
         let g = g.map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
         let params = spec.params.clone().unwrap_or_default();
@@ -190,6 +241,34 @@ impl JobsHost {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
+    }
+
+    /// The digest and graph of the file at `path` when a recent submit hashed that very file and
+    /// it has not changed since (same device, inode, length, modification and change times) and
+    /// its graph is still in memory.
+    fn known_file(&self, path: &Path) -> Option<([u8; 32], Arc<Csr>)> {
+        let stamp = FileStamp::of(path)?;
+        let digest = {
+            let files = self.files.lock().expect("file digests");
+            files.iter().find(|(p, s, _)| p == path && *s == stamp).map(|(_, _, d)| *d)?
+        };
+        let graphs = self.graphs.lock().expect("graph cache");
+        graphs.iter().find(|(d, _)| *d == digest).map(|(d, g)| (*d, g.clone()))
+    }
+
+    /// Remembers that the file at `path`, as `stamp` describes it before it was hashed, has
+    /// `digest` — if it still looks the same now, and its last change is old enough that a
+    /// change within the file system's timestamp granularity cannot hide behind it.
+    fn remember_file(&self, path: &Path, stamp: FileStamp, digest: [u8; 32]) {
+        if FileStamp::of(path) != Some(stamp) || !stamp.settled() {
+            return;
+        }
+        let mut files = self.files.lock().expect("file digests");
+        files.retain(|(p, _, _)| p != path);
+        files.push((path.to_path_buf(), stamp, digest));
+        if files.len() > FILE_DIGESTS {
+            files.remove(0);
+        }
     }
 
     /// Keeps `g` in the cache of recently used graphs under `digest`.
@@ -895,7 +974,33 @@ mod tests {
     use quiver_coordinator::{ClusterState, Op};
 
     use super::super::fixtures::{apply, job_spec, member};
-    use super::holders_down;
+    use super::{FileStamp, holders_down};
+
+    /// Any write changes a file's stamp (its change time moves even when its length and
+    /// modification time are put back), and a file changed just now is not yet trusted.
+    #[test]
+    fn a_file_stamp_changes_with_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.el");
+        std::fs::write(&path, "0 1\n").unwrap();
+        let first = FileStamp::of(&path).unwrap();
+        assert_eq!(FileStamp::of(&path), Some(first), "nothing changed");
+        assert!(!first.settled(), "written a moment ago");
+        let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+        // Same length, same modification time afterwards: only the change time tells.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut later = first;
+        while later == first && Instant::now() < deadline {
+            std::fs::write(&path, "1 0\n").unwrap();
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(mtime).unwrap();
+            later = FileStamp::of(&path).unwrap();
+        }
+        assert_ne!(later, first, "rewriting the file changed its stamp");
+        assert_eq!((later.len, later.mtime_ns), (first.len, first.mtime_ns));
+        assert!(FileStamp::of(&dir.path().join("missing")).is_none());
+        let old = FileStamp { ctime_ns: 0, mtime_ns: 0, ..first };
+        assert!(old.settled());
+    }
 
     #[test]
     fn a_job_is_unreachable_only_while_every_holder_is_down() {

@@ -290,7 +290,11 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
         data_dir: cfg.data_dir.clone(),
         expect: discovery.clone(),
         jobs: jobs::JobsHost::new(
-            quiver_node_agent::jobs::JobRuntime::new(transport.clone(), workers.clone()),
+            {
+                let rt = quiver_node_agent::jobs::JobRuntime::new(transport.clone(), workers.clone());
+                rt.partition_cache().set_capacity(cfg.partition_cache);
+                rt
+            },
             &cfg.data_dir,
             &cfg.tls_dir,
         ),

@@ -10,7 +10,9 @@
 //! included, as `time` would show it), the steady superstep time (first to last superstep report)
 //! as a ratio to `quiver run`'s iteration, whether the result digests match, and every agent's
 //! peak RSS (the first agent takes the submit, so it is the job's holder and master: it keeps the
-//! graph file mapped and its checkpoints besides its own third).
+//! graph file mapped and its checkpoints besides its own third). With `--repeat N` the same job
+//! is submitted N times on the same cluster; the later ones are reported apart as warm jobs, whose
+//! owners kept their partitions from the first (no cut, no partition transfer).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,7 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use quiver_proto::control::jobs_client::JobsClient;
 use quiver_proto::control::{
-    GetJobRequest, GraphFormat, JobSpec, JobState, Kernel, KernelParams, SubmitRequest, WatchJobRequest, submit_request,
+    GetJobRequest, GraphFormat, Job, JobSpec, JobState, Kernel, KernelParams, SubmitRequest, WatchJobRequest,
+    submit_request,
 };
 use quiver_tests::agents::LocalCluster;
 use serde_json::{Value, json};
@@ -52,6 +55,11 @@ pub struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
+    /// Submit the same job this many times, one after another on the same cluster: the first
+    /// runs cold; the later ones find their partitions kept by their owners from the first
+    /// (`quiver agent --partition-cache`) and are reported apart as warm jobs.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
     /// Keep every agent's log in this directory (as `job-NAME.log`).
     #[arg(long)]
     pub keep_logs: Option<PathBuf>,
@@ -62,6 +70,7 @@ const DEADLINE: Duration = Duration::from_secs(600);
 
 pub fn run(a: Args) -> Result<()> {
     ensure!((1..=NAMES.len()).contains(&a.nodes), "--nodes must be between 1 and {}", NAMES.len());
+    ensure!(a.repeat >= 1, "--repeat must be at least 1");
     let exe = std::env::current_exe().context("locating the quiver binary")?;
     let mut c = LocalCluster::with_bin(&NAMES[..a.nodes], exe.clone());
     let dir = c.dir.path().to_path_buf();
@@ -124,29 +133,23 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         eprintln!("submitting the job …");
     }
-    let (job_seconds, steps, job) = rt.block_on(async {
-        let mut jobs = JobsClient::new(connect(&conn, None).await?);
-        let t = Instant::now();
-        let msgs = vec![SubmitRequest { body: Some(submit_request::Body::Spec(spec)) }];
-        let id = jobs.submit(tonic::codegen::tokio_stream::iter(msgs)).await?.into_inner().job_id;
-        let mut watch = jobs.watch(WatchJobRequest { job_id: id }).await?.into_inner();
-        let mut steps: Vec<(u64, f64)> = Vec::new();
-        while let Some(p) = tokio::time::timeout(DEADLINE, watch.message()).await.context("the job stalled")?? {
-            if steps.last().is_none_or(|(s, _)| *s != p.superstep) && p.superstep > 0 {
-                steps.push((p.superstep, t.elapsed().as_secs_f64()));
-            }
-        }
-        let secs = t.elapsed().as_secs_f64();
-        let job = jobs.get(GetJobRequest { job_id: id }).await?.into_inner();
-        Ok::<_, anyhow::Error>((secs, steps, job))
-    })?;
+    let mut runs = Vec::new();
+    for _ in 0..a.repeat {
+        runs.push(rt.block_on(submit_and_watch(&conn, spec.clone()))?);
+    }
     if let Some(dir) = &a.keep_logs {
         c.keep_logs(dir, "job");
     }
-    ensure!(job.state == JobState::Succeeded as i32, "the job did not succeed: {}", job.error);
+    for (_, _, job) in &runs {
+        ensure!(job.state == JobState::Succeeded as i32, "job {} did not succeed: {}", job.job_id, job.error);
+    }
+    let warm: Vec<f64> = runs.iter().skip(1).map(|(secs, _, _)| *secs).collect();
+    let warm_digests_match = runs.iter().all(|(_, _, j)| j.result_digest == runs[0].2.result_digest);
+    let (job_seconds, steps, job) = runs.swap_remove(0);
     let rss: Vec<u64> = c.agents.iter().map(|ag| ag.pid().map_or(0, peak_rss)).collect();
     let digest = crate::run::hex(&job.result_digest);
-    let matches = reference["result_digest"].as_str() == Some(digest.as_str());
+    let matches = reference["result_digest"].as_str() == Some(digest.as_str()) && warm_digests_match;
+    let warm_median = median(&warm);
     let run_compute = reference["compute_seconds"].as_f64().unwrap_or(f64::NAN);
     let run_per_iter = reference["seconds_per_iteration"].as_f64().unwrap_or(f64::NAN);
     let per_step = match (steps.first(), steps.last()) {
@@ -169,6 +172,9 @@ pub fn run(a: Args) -> Result<()> {
         "ratio_job_to_run": job_seconds / run_compute,
         "ratio_job_to_run_wall": job_seconds / run_wall,
         "ratio_superstep_to_iteration": per_step / run_per_iter,
+        "warm_job_seconds": warm,
+        "ratio_warm_job_to_run": warm_median.map(|w| w / run_compute),
+        "ratio_warm_job_to_run_wall": warm_median.map(|w| w / run_wall),
         "result_digest": digest,
         "digest_matches_quiver_run": matches,
         "agent_peak_rss_bytes": rss,
@@ -196,9 +202,44 @@ pub fn run(a: Args) -> Result<()> {
             rss.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join(" / "),
             rss.iter().map(|b| (b / 1_000_000).to_string()).collect::<Vec<_>>().join(" / ")
         );
+        if let Some(w) = warm_median {
+            println!(
+                "  warm jobs (partitions kept from the first): {} s, median {w:.3} s = {:.2}× quiver run's compute, {:.2}× its whole command",
+                warm.iter().map(|s| format!("{s:.3}")).collect::<Vec<_>>().join(", "),
+                w / run_compute,
+                w / run_wall
+            );
+        }
     }
     ensure!(matches, "the distributed result differs from quiver run's");
     Ok(())
+}
+
+/// Submits one job by path, follows it with `Watch` to the end: its seconds (submit call to the
+/// watch's end), each superstep's first report `(superstep, seconds)`, and the finished job.
+async fn submit_and_watch(conn: &Conn, spec: JobSpec) -> Result<(f64, Vec<(u64, f64)>, Job)> {
+    let mut jobs = JobsClient::new(connect(conn, None).await?);
+    let t = Instant::now();
+    let msgs = vec![SubmitRequest { body: Some(submit_request::Body::Spec(spec)) }];
+    let id = jobs.submit(tonic::codegen::tokio_stream::iter(msgs)).await?.into_inner().job_id;
+    let mut watch = jobs.watch(WatchJobRequest { job_id: id }).await?.into_inner();
+    let mut steps: Vec<(u64, f64)> = Vec::new();
+    while let Some(p) = tokio::time::timeout(DEADLINE, watch.message()).await.context("the job stalled")?? {
+        if steps.last().is_none_or(|(s, _)| *s != p.superstep) && p.superstep > 0 {
+            steps.push((p.superstep, t.elapsed().as_secs_f64()));
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let job = jobs.get(GetJobRequest { job_id: id }).await?.into_inner();
+    Ok((secs, steps, job))
+}
+
+/// The median of `xs` (the mean of the middle two for an even count); `None` when empty.
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 fn quiver(exe: &Path, dir: &Path, args: &[&str]) -> Result<String> {

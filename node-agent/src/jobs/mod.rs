@@ -4,10 +4,12 @@
 //! # Roles and streams
 //!
 //! - The **master** ([`master::run_master`]) runs on the node that accepted the submit (it holds
-//!   the graph). It cuts the graph with the same partitioner as `quiver run --partitions`, opens
-//!   one `STREAM_KIND_JOB` stream per partition to the partition's owner, sends the partition as
-//!   one zero-copy frame and a [`JobPlan`](quiver_proto::peer::JobPlan), then runs the superstep
-//!   barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
+//!   the graph). It opens one `STREAM_KIND_JOB` stream per partition to the partition's owner
+//!   and sends a [`JobPlan`](quiver_proto::peer::JobPlan) naming the graph's digest; each owner
+//!   answers whether it still holds its partition from an earlier job on that graph
+//!   ([`cache`]). Unless every owner does, the master cuts the graph with the same partitioner
+//!   as `quiver run --partitions` and sends each owner that lacks its partition one zero-copy
+//!   frame of it. Then it runs the superstep barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
 //!   whether to stop exactly as [`run_partitioned`](quiver_compute::kernels::run_partitioned) does,
 //!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner sends its result rows, which the
 //!   master returns as one part per partition, in vertex order (never assembled into a copy). A
@@ -44,6 +46,7 @@
 //!   checkpoint never sits whole in the master's memory.
 //! - Every array index a kernel uses on a received partition is checked first ([`wire`]).
 
+pub mod cache;
 pub mod master;
 mod owner;
 pub mod wire;
@@ -59,6 +62,7 @@ use tokio::task::AbortHandle;
 use crate::transport::{ErrorCode, InboundStream, NodeId, OutFrame, PeerSendStream, Transport};
 use crate::workers::Workers;
 
+pub use cache::{DEFAULT_PARTITION_CACHE_BYTES, PartKey, PartitionCache};
 pub use master::{
     Checkpoint, CheckpointOut, CheckpointSink, CheckpointTaken, MasterError, MasterJob, MasterOutput, MemorySink,
     PartSink, StepReport, run_master,
@@ -125,6 +129,8 @@ pub struct JobRuntime {
     /// The current epoch of each job, as the replicated state says: anything older is refused.
     epochs: DashMap<u64, u64>,
     halo_piece_values: std::sync::atomic::AtomicUsize,
+    /// Partitions kept from finished jobs, for the next job on the same graph.
+    partitions: PartitionCache,
 }
 
 /// Counts an owner task while it lives (also when it is aborted mid-await).
@@ -160,6 +166,7 @@ impl JobRuntime {
             active: std::sync::atomic::AtomicUsize::new(0),
             epochs: DashMap::new(),
             halo_piece_values: std::sync::atomic::AtomicUsize::new(DEFAULT_HALO_PIECE_VALUES),
+            partitions: PartitionCache::new(DEFAULT_PARTITION_CACHE_BYTES),
         })
     }
 
@@ -171,6 +178,12 @@ impl JobRuntime {
 
     pub(crate) fn halo_piece_values(&self) -> usize {
         self.halo_piece_values.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The partitions this node keeps from finished jobs ([`cache`]); its capacity is
+    /// [`DEFAULT_PARTITION_CACHE_BYTES`] until set.
+    pub fn partition_cache(&self) -> &PartitionCache {
+        &self.partitions
     }
 
     /// This node.

@@ -7,11 +7,11 @@ use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionSta
 use quiver_compute::kernels::{Appnp, Normalization};
 use quiver_compute::partition::LocalGraph;
 use quiver_compute::{Segment, generate};
-use quiver_proto::peer::{JobMessage, job_message};
+use quiver_proto::peer::{JobMessage, JobPlan, job_message};
 use tokio::sync::mpsc;
 
 use super::wire::{OwnedPart, partials_to_wire};
-use super::{HaloSender, JobKey, JobRuntime, KernelSpec};
+use super::{HaloSender, JobKey, JobRuntime, KernelSpec, PartKey};
 use crate::transport::{InboundStream, NodeId, OutFrame};
 
 /// What the master tells an owner.
@@ -188,28 +188,36 @@ impl Kernel for OwnedAppnp {
 pub(crate) async fn run_owner(
     rt: Arc<JobRuntime>,
     key: JobKey,
-    part: OwnedPart,
+    part: Arc<OwnedPart>,
     spec: KernelSpec,
     owners: Vec<NodeId>,
     resume: Option<(u32, Snapshot)>,
     rx: mpsc::UnboundedReceiver<ToOwner>,
     tx: mpsc::UnboundedSender<(u32, ToMaster)>,
+    keep: Option<PartKey>,
 ) {
     let p = part.index;
+    let kept = keep.map(|k| (k, part.clone()));
     let _active = super::ActiveOwner::new(&rt);
     let result = match spec {
-        KernelSpec::PageRank(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
-        KernelSpec::Heat(k) => owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await,
+        KernelSpec::PageRank(k) => owner_loop(rt.clone(), key, Arc::new(k), part, owners, resume, rx, &tx).await,
+        KernelSpec::Heat(k) => owner_loop(rt.clone(), key, Arc::new(k), part, owners, resume, rx, &tx).await,
         KernelSpec::Appnp { alpha, normalization, dim, feature_seed } => {
             match owned_features(&rt, &part, dim, feature_seed).await {
                 Ok(features) => {
                     let k = OwnedAppnp { alpha, normalization, dim, base: part.graph.first(), features };
-                    owner_loop(rt, key, Arc::new(k), part, owners, resume, rx, &tx).await
+                    owner_loop(rt.clone(), key, Arc::new(k), part, owners, resume, rx, &tx).await
                 }
                 Err(e) => Err(e),
             }
         }
     };
+    // Only a partition that saw its job through is kept: a cancelled or failed job's is freed.
+    if result.is_ok()
+        && let Some((k, part)) = kept
+    {
+        rt.partition_cache().insert(k, part);
+    }
     if let Err(reason) = result {
         let msg = match reason.strip_prefix(LOST) {
             Some(r) => ToMaster::Lost(r.to_string()),
@@ -363,7 +371,7 @@ async fn owner_loop<K>(
     rt: Arc<JobRuntime>,
     key: JobKey,
     kernel: Arc<K>,
-    part: OwnedPart,
+    part: Arc<OwnedPart>,
     owners: Vec<NodeId>,
     resume: Option<(u32, Snapshot)>,
     mut rx: mpsc::UnboundedReceiver<ToOwner>,
@@ -373,7 +381,6 @@ where
     K: Kernel + Send + Sync + 'static,
     K::Prepared: 'static,
 {
-    let part = Arc::new(part);
     let p = part.index;
     let numa = p as usize;
     let width = kernel.width();
@@ -633,36 +640,57 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     }
     let peer = s.peer;
     let setup = async {
-        let t = Instant::now();
-        let frame =
-            s.recv.recv_frame().await.map_err(|e| e.to_string())?.ok_or("the stream ended before the partition")?;
-        let received = t.elapsed().as_secs_f64();
-        let part = OwnedPart::from_frame(&frame)?;
-        tracing::info!(
-            peer = %s.peer,
-            job = key.job,
-            epoch = key.epoch,
-            partition = part.index,
-            bytes = frame.payload_len(),
-            receive_seconds = received,
-            check_seconds = t.elapsed().as_secs_f64() - received,
-            "partition received"
-        );
+        // The plan first; when it names the graph's digest, say whether this node holds the
+        // partition from an earlier job on that graph (then no partition frame follows).
         let plan = match s.recv.recv_message::<JobMessage>().await.map_err(|e| e.to_string())? {
             Some(JobMessage { body: Some(job_message::Body::Plan(plan)) }) => plan,
-            _ => return Err("expected the job plan after the partition".to_string()),
+            _ => return Err("expected the job plan first".to_string()),
         };
         let spec = KernelSpec::from_plan(&plan)?;
         let owners: Vec<NodeId> = plan.owners.iter().map(|&n| NodeId(n)).collect();
-        part.check(owners.len(), spec.width(), spec.ships_features())?;
-        if part.index != s.header.partition {
-            return Err(format!("the stream is for partition {}, the frame for {}", s.header.partition, part.index));
+        let index = s.header.partition;
+        if owners.get(index as usize) != Some(&rt.node()) {
+            return Err(format!("partition {index} is not assigned to this node ({})", rt.node()));
         }
-        if owners[part.index as usize] != rt.node() {
-            return Err(format!(
-                "partition {} is assigned to {}, not this node",
-                part.index, owners[part.index as usize]
-            ));
+        let keep = keep_key(&plan, index)?;
+        let held = keep.as_ref().and_then(|(k, range)| {
+            rt.partition_cache().get(k).filter(|p| p.graph.first() == range.start && p.graph.owned() == range.len())
+        });
+        if keep.is_some() {
+            let answer = JobMessage { body: Some(job_message::Body::PartitionHeld(held.is_some())) };
+            send.send_message(&answer).await.map_err(|e| e.to_string())?;
+        }
+        let part = match held {
+            Some(part) => part,
+            None => {
+                let t = Instant::now();
+                let frame = s
+                    .recv
+                    .recv_frame()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .ok_or("the stream ended before the partition")?;
+                let received = t.elapsed().as_secs_f64();
+                let part = OwnedPart::from_frame(&frame)?;
+                tracing::info!(
+                    peer = %s.peer,
+                    job = key.job,
+                    epoch = key.epoch,
+                    partition = part.index,
+                    bytes = frame.payload_len(),
+                    receive_seconds = received,
+                    check_seconds = t.elapsed().as_secs_f64() - received,
+                    "partition received"
+                );
+                if keep.as_ref().is_some_and(|(_, r)| part.graph.first() != r.start || part.graph.owned() != r.len()) {
+                    return Err(format!("partition {}'s frame does not cover the plan's range", part.index));
+                }
+                Arc::new(part)
+            }
+        };
+        part.check(owners.len(), spec.width(), spec.ships_features())?;
+        if part.index != index {
+            return Err(format!("the stream is for partition {index}, the frame for {}", part.index));
         }
         let resume = if plan.resume {
             let frame =
@@ -671,9 +699,9 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
         } else {
             None
         };
-        Ok((part, spec, owners, resume))
+        Ok((part, spec, owners, resume, keep.map(|(k, _)| k)))
     };
-    let (part, spec, owners, resume) = match setup.await {
+    let (part, spec, owners, resume, keep) = match setup.await {
         Ok(x) => x,
         Err(reason) => {
             tracing::warn!(%peer, job = key.job, epoch = key.epoch, %reason, "refused a partition");
@@ -686,7 +714,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     tracing::debug!(%peer, job = key.job, epoch = key.epoch, partition = p, "running a partition");
     let (to_owner, owner_rx) = mpsc::unbounded_channel();
     let (owner_tx, mut from_owner) = mpsc::unbounded_channel();
-    let owner = tokio::spawn(run_owner(rt.clone(), key, part, spec, owners, resume, owner_rx, owner_tx));
+    let owner = tokio::spawn(run_owner(rt.clone(), key, part, spec, owners, resume, owner_rx, owner_tx, keep));
     rt.owners.insert((key, p), owner.abort_handle());
 
     // Reads are not cancel-safe, so the reader is its own task feeding a channel.
@@ -784,6 +812,32 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
     }
     reader.abort();
     rt.owners.remove(&(key, p));
+}
+
+/// The cache key and owned range of partition `index` when the plan offers a kept partition
+/// (names the graph's digest), checking the plan's boundaries.
+fn keep_key(plan: &JobPlan, index: u32) -> Result<Option<(PartKey, std::ops::Range<u32>)>, String> {
+    if plan.graph_digest.is_empty() {
+        return Ok(None);
+    }
+    let graph: [u8; 32] = plan
+        .graph_digest
+        .as_slice()
+        .try_into()
+        .map_err(|_| format!("plan: graph digest of {} bytes, expected 32", plan.graph_digest.len()))?;
+    let parts = plan.owners.len();
+    let b = &plan.bounds;
+    if b.len() != parts + 1
+        || b.windows(2).any(|w| w[0] > w[1])
+        || b.last().is_some_and(|&e| u64::from(e) != plan.vertices)
+    {
+        return Err(format!(
+            "plan: {} boundaries for {parts} partitions, or not ascending to the vertex count",
+            b.len()
+        ));
+    }
+    let i = index as usize;
+    Ok(Some((PartKey { graph, partitions: parts as u32, index }, b[i]..b[i + 1])))
 }
 
 fn abort(reason: &str) -> JobMessage {
