@@ -82,6 +82,19 @@ fn distributed_jobs_match_quiver_run_and_bad_input_leaves_the_cluster_serving() 
         }
     }
 
+    // Jobs after the first on the same graph file and partition count found their partitions
+    // kept by the owners of an earlier one (and still matched `quiver run` above).
+    let hits: f64 = (0..3)
+        .map(|i| {
+            let (_, m) = c.agents[i].http_get("/metrics").unwrap_or_default();
+            m.lines()
+                .filter(|l| l.starts_with("quiver_job_partition_cache_hits_total"))
+                .filter_map(|l| l.split_whitespace().last()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum();
+    assert!(hits > 0.0, "no job used a kept partition");
+
     // The result downloads from any node and equals `quiver run --out` byte for byte.
     let id = last.to_string();
     let mine = dir.join("mine.npy");
