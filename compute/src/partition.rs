@@ -261,7 +261,17 @@ pub fn partition(g: &Csr, parts: usize) -> Result<Partitioning, PartitionError> 
 
 /// Cuts `g` into `parts` partitions balanced on `alpha·|V| + |E|`.
 pub fn partition_with_alpha(g: &Csr, parts: usize, alpha: u64) -> Result<Partitioning, PartitionError> {
-    let bounds = boundaries(g, parts, alpha)?;
+    Ok(partition_at(g, boundaries(g, parts, alpha)?))
+}
+
+/// Cuts `g` at `bounds` (`P + 1` ascending vertex ids from 0 to the vertex count, as
+/// [`boundaries`] gives them).
+pub fn partition_at(g: &Csr, bounds: Vec<u32>) -> Partitioning {
+    assert!(
+        bounds.len() >= 2 && bounds[0] == 0 && bounds.last() == Some(&(g.vertices() as u32)),
+        "partition boundaries must run from 0 to the vertex count"
+    );
+    let parts = bounds.len() - 1;
     if parts == 1 {
         let part = Partition {
             index: 0,
@@ -270,7 +280,7 @@ pub fn partition_with_alpha(g: &Csr, parts: usize, alpha: u64) -> Result<Partiti
             halo_sources: Vec::new(),
             mirrors: Vec::new(),
         };
-        return Ok(Partitioning { bounds, parts: vec![part] });
+        return Partitioning { bounds, parts: vec![part] };
     }
     let mut built: Vec<Partition> =
         (0..parts).map(|p| build_partition(g, p, bounds[p]..bounds[p + 1], &bounds)).collect();
@@ -287,7 +297,7 @@ pub fn partition_with_alpha(g: &Csr, parts: usize, alpha: u64) -> Result<Partiti
             built[owner].mirrors.push(Mirror { reader: p, vertices });
         }
     }
-    Ok(Partitioning { bounds, parts: built })
+    Partitioning { bounds, parts: built }
 }
 
 fn build_partition(g: &Csr, index: usize, range: Range<u32>, bounds: &[u32]) -> Partition {

@@ -151,11 +151,11 @@ impl JobsHost {
     ) -> Result<([u8; 32], Vec<PartitionShape>), Status> {
         let (digest, g) = match digest {
             Some(d) => (d, self.graph(shared, spec, path, d).await),
-            None => match self.known_file(path) {
+            None => match FileStamp::of(path).map(|s| (s, self.known_file(path, s))) {
                 // The same file as a recent submit's, unchanged since: its graph is in memory.
-                Some((d, g)) => (d, Ok(g)),
-                None => {
-                    let before = FileStamp::of(path);
+                Some((_, Some((d, g)))) => (d, Ok(g)),
+                stamped => {
+                    let before = stamped.map(|(s, _)| s);
                     let hashed = {
                         let path = path.to_path_buf();
                         tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
@@ -243,11 +243,10 @@ impl JobsHost {
             .map_err(|e| e.to_string())
     }
 
-    /// The digest and graph of the file at `path` when a recent submit hashed that very file and
-    /// it has not changed since (same device, inode, length, modification and change times) and
-    /// its graph is still in memory.
-    fn known_file(&self, path: &Path) -> Option<([u8; 32], Arc<Csr>)> {
-        let stamp = FileStamp::of(path)?;
+    /// The digest and graph of the file at `path`, now as `stamp` describes it, when a recent
+    /// submit hashed that very file and it has not changed since (same device, inode, length,
+    /// modification and change times) and its graph is still in memory.
+    fn known_file(&self, path: &Path, stamp: FileStamp) -> Option<([u8; 32], Arc<Csr>)> {
         let digest = {
             let files = self.files.lock().expect("file digests");
             files.iter().find(|(p, s, _)| p == path && *s == stamp).map(|(_, _, d)| *d)?

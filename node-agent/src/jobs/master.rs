@@ -342,17 +342,9 @@ pub async fn run_master(
         .collect();
     let shipped = needs.iter().filter(|&&n| n).count();
     let parts = if shipped > 0 {
-        let g = job.graph.clone();
-        let cut = rt
-            .workers()
-            .run(0, move || quiver_compute::partition::partition_with_alpha(&g, count, alpha))
-            .await
-            .map_err(|e| MasterError::fatal(e.to_string()))?
-            .map_err(|e| MasterError::fatal(e.to_string()))?;
-        if cut.bounds != bounds {
-            return Err(MasterError::fatal("the cut's boundaries differ from the plan's"));
-        }
-        Some(cut)
+        let (g, at) = (job.graph.clone(), bounds.clone());
+        let cut = rt.workers().run(0, move || quiver_compute::partition::partition_at(&g, at)).await;
+        Some(cut.map_err(|e| MasterError::fatal(e.to_string()))?)
     } else {
         None
     };

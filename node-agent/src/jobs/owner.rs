@@ -653,9 +653,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
             return Err(format!("partition {index} is not assigned to this node ({})", rt.node()));
         }
         let keep = keep_key(&plan, index)?;
-        let held = keep.as_ref().and_then(|(k, range)| {
-            rt.partition_cache().get(k).filter(|p| p.graph.first() == range.start && p.graph.owned() == range.len())
-        });
+        let held = keep.as_ref().and_then(|(k, range)| rt.partition_cache().get(k).filter(|p| p.owns(range)));
         if keep.is_some() {
             let answer = JobMessage { body: Some(job_message::Body::PartitionHeld(held.is_some())) };
             send.send_message(&answer).await.map_err(|e| e.to_string())?;
@@ -682,7 +680,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                     check_seconds = t.elapsed().as_secs_f64() - received,
                     "partition received"
                 );
-                if keep.as_ref().is_some_and(|(_, r)| part.graph.first() != r.start || part.graph.owned() != r.len()) {
+                if keep.as_ref().is_some_and(|(_, r)| !part.owns(r)) {
                     return Err(format!("partition {}'s frame does not cover the plan's range", part.index));
                 }
                 Arc::new(part)

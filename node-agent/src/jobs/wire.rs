@@ -130,6 +130,11 @@ impl OwnedPart {
         }
     }
 
+    /// Whether this partition owns exactly the vertices `range`.
+    pub fn owns(&self, range: &std::ops::Range<u32>) -> bool {
+        self.graph.first() == range.start && self.graph.owned() == range.len()
+    }
+
     /// The partition as one frame: graph arrays shared, not copied.
     pub fn to_frame(&self, graph_digest: &[u8]) -> OutFrame {
         let g = &self.graph;
