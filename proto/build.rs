@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(descriptors)
         .build_server(true)
         .build_client(true)
+        .codec_path("crate::codec::SliceCodec")
         .compile_protos(&["proto/peer.proto", "proto/control.proto"], &["proto"])?;
     Ok(())
 }

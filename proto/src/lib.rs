@@ -29,6 +29,7 @@ pub mod control {
     tonic::include_proto!("quiver.control.v1");
 }
 
+pub mod codec;
 pub mod convert;
 
 /// The encoded `FileDescriptorSet` of every `.proto` file, for gRPC server reflection.
