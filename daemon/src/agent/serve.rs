@@ -204,6 +204,27 @@ pub struct Checked {
     pub random_walk: bool,
 }
 
+/// Moves packed ids (`sources_le`, `targets_le`) into `sources` and `targets`, so checks, cache
+/// key, compute and forwarding see one form whichever the client sent. The error is
+/// `INVALID_ARGUMENT` naming the field: both forms at once, or a length that is not whole ids.
+pub fn unpack_edges(mut req: DiffuseRequest) -> Result<DiffuseRequest, Status> {
+    if req.sources_le.is_empty() && req.targets_le.is_empty() {
+        return Ok(req);
+    }
+    if !req.sources.is_empty() || !req.targets.is_empty() {
+        return Err(invalid("sources_le", "set together with sources/targets: send the edge list one way"));
+    }
+    for (field, bytes) in [("sources_le", &req.sources_le), ("targets_le", &req.targets_le)] {
+        if bytes.len() % 4 != 0 {
+            return Err(invalid(field, format!("{} bytes are not whole 4-byte vertex ids", bytes.len())));
+        }
+    }
+    let ids = |b: &[u8]| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    req.sources = ids(&std::mem::take(&mut req.sources_le));
+    req.targets = ids(&std::mem::take(&mut req.targets_le));
+    Ok(req)
+}
+
 /// Validates a request; the error is `INVALID_ARGUMENT` naming the field and the reason.
 pub fn check(req: &DiffuseRequest) -> Result<Checked, Status> {
     let n = req.vertices;
@@ -498,6 +519,7 @@ fn admit(s: &Serving) -> Result<Admitted<'_>, Status> {
 
 async fn diffuse(shared: &Shared, req: DiffuseRequest, origin: Origin) -> Result<DiffuseResponse, Status> {
     let s = &*shared.serving;
+    let req = unpack_edges(req)?;
     let checked = check(&req)?;
     let key = cache_key(&req, &checked);
     let hit = s.cache.lock().expect("cache lock").get(&key);
@@ -753,7 +775,7 @@ mod tests {
                 seeds: seeds.to_vec(),
                 ..Default::default()
             }),
-            features: vec![],
+            ..Default::default()
         }
     }
 
@@ -837,6 +859,42 @@ mod tests {
             want.values.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         );
         assert_eq!((got.iterations, got.width), (10, 1));
+    }
+
+    /// Packs `r`'s edge list into the `_le` fields.
+    fn packed(mut r: DiffuseRequest) -> DiffuseRequest {
+        let le = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        (r.sources_le, r.targets_le) = (le(&r.sources), le(&r.targets));
+        (r.sources, r.targets) = (vec![], vec![]);
+        r
+    }
+
+    #[test]
+    fn packed_edges_are_the_same_request() {
+        let plain = ppr(5, &[(0, 1), (1, 2), (2, 0), (4, 3)], &[2], 10);
+        let unpacked = unpack_edges(packed(plain.clone())).unwrap();
+        assert_eq!(unpacked, plain);
+        assert_eq!(cache_key(&unpacked, &check(&unpacked).unwrap()), cache_key(&plain, &check(&plain).unwrap()));
+        // A request without packed ids passes through untouched.
+        assert_eq!(unpack_edges(plain.clone()).unwrap(), plain);
+        let refused = |r: DiffuseRequest, field: &str| {
+            let e = unpack_edges(r).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument);
+            assert!(e.message().starts_with(field), "{}", e.message());
+        };
+        let mut both = packed(plain.clone());
+        both.sources = vec![0];
+        refused(both, "sources_le");
+        let mut ragged = packed(plain.clone());
+        ragged.targets_le.pop();
+        refused(ragged, "targets_le");
+        // Ids past `vertices` and unequal lengths are caught by `check`, as for the plain form.
+        let mut far = packed(plain.clone());
+        far.sources_le[4..8].copy_from_slice(&9u32.to_le_bytes());
+        assert!(check(&unpack_edges(far).unwrap()).unwrap_err().message().starts_with("sources[1]"));
+        let mut short = packed(plain);
+        short.targets_le.truncate(8);
+        assert!(check(&unpack_edges(short).unwrap()).unwrap_err().message().starts_with("targets"));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! PageRank 10 iterations; `medium`: 1,000 vertices, 8,000 edges, 20 iterations). Request `i` uses
 //! variant `i mod --distinct`; each variant is its own random graph and seed vertex, so
 //! `--distinct 1` measures the cache and a `--distinct` above the request count measures compute.
+//! Edge lists go packed (`sources_le`, `targets_le`), as a client minding its CPU would send them.
 //! Without `--addr` it starts a one-node agent of this binary on loopback (TLS on, as always).
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,17 +111,17 @@ impl SplitMix {
 pub fn request(size: GraphSize, seed: u64, v: u64) -> DiffuseRequest {
     let (n, m, iterations) = size.shape();
     let mut rng = SplitMix(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ v);
-    let mut sources = Vec::with_capacity(m);
-    let mut targets = Vec::with_capacity(m);
+    // Packed ids (`sources_le`, `targets_le`): the form a client that cares about CPU sends.
+    let mut sources_le = Vec::with_capacity(4 * m);
+    let mut targets_le = Vec::with_capacity(4 * m);
     for _ in 0..m {
-        sources.push(rng.below(n));
-        targets.push(rng.below(n));
+        sources_le.extend_from_slice(&rng.below(n).to_le_bytes());
+        targets_le.extend_from_slice(&rng.below(n).to_le_bytes());
     }
     DiffuseRequest {
         vertices: n,
-        sources,
-        targets,
-        weights: vec![],
+        sources_le,
+        targets_le,
         params: Some(KernelParams {
             kernel: Kernel::PersonalizedPagerank as i32,
             alpha: 0.85,
@@ -128,7 +129,7 @@ pub fn request(size: GraphSize, seed: u64, v: u64) -> DiffuseRequest {
             seeds: vec![rng.below(n)],
             ..Default::default()
         }),
-        features: vec![],
+        ..Default::default()
     }
 }
 

@@ -113,6 +113,20 @@ fn diffuse_equals_quiver_run_rejects_bad_requests_and_bounds_its_queue() {
         let again = diffuse(&ch, ppr(7, &edges, &[0, 2], 10)).await.unwrap();
         assert!(again.cached);
         assert_eq!(bits(&again.values), bits(&want));
+        // Packed ids are the same request: the same bits, from the cache the plain form filled.
+        let mut packed = ppr(7, &edges, &[2, 0], 10);
+        let le = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        (packed.sources_le, packed.targets_le) = (le(&packed.sources), le(&packed.targets));
+        (packed.sources, packed.targets) = (vec![], vec![]);
+        let got = diffuse(&ch, packed.clone()).await.unwrap();
+        assert!(got.cached, "packed and plain edge lists must share a cache key");
+        assert_eq!(bits(&got.values), bits(&want));
+        packed.params.as_mut().unwrap().max_iterations = 9;
+        let got = diffuse(&ch, packed.clone()).await.unwrap();
+        assert_eq!((got.iterations, got.cached), (9, false));
+        packed.sources_le.pop();
+        let e = diffuse(&ch, packed).await.unwrap_err();
+        assert!(e.code() == Code::InvalidArgument && e.message().starts_with("sources_le:"), "{e:?}");
 
         // Bad requests name the field; the node keeps serving.
         let e = diffuse(&ch, ppr(0, &[], &[0], 10)).await.unwrap_err();
