@@ -7,7 +7,7 @@
 //! iterations (`quiver bench serve --graph-size medium`, benches/RESULTS.md 2026-12-05 evening).
 //! The window is contiguous (tonic buffers a whole message before decoding it), so
 //! [`SliceCodec`] decodes from the `&[u8]` it covers, where prost's reads are plain slice
-//! indexing (such a request decodes in 0.65–0.75 of the time), and copies only in the fallback
+//! indexing (such a request decodes in 0.65–0.79 of the time), and copies only in the fallback
 //! a non-contiguous buffer would need. Encoding is `tonic_prost`'s; the bytes on the wire are
 //! the same either way.
 

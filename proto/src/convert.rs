@@ -82,6 +82,28 @@ impl StreamKind {
     }
 }
 
+/// Vertex ids as `DiffuseRequest.sources_le` / `targets_le` carry them: little-endian `u32`s.
+pub fn pack_ids(ids: &[u32]) -> Vec<u8> {
+    ids.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The ids of a packed field ([`pack_ids`]); `None` when its length is not whole 4-byte ids.
+pub fn unpack_ids(bytes: &[u8]) -> Option<Vec<u32>> {
+    bytes
+        .len()
+        .is_multiple_of(4)
+        .then(|| bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+}
+
+impl crate::control::DiffuseRequest {
+    /// Moves the edge list from `sources` / `targets` into the packed fields, the form that costs
+    /// client and server a copy instead of a varint per id.
+    pub fn pack_edges(&mut self) {
+        self.sources_le = pack_ids(&std::mem::take(&mut self.sources));
+        self.targets_le = pack_ids(&std::mem::take(&mut self.targets));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

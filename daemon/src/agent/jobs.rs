@@ -151,25 +151,14 @@ impl JobsHost {
     ) -> Result<([u8; 32], Vec<PartitionShape>), Status> {
         let (digest, g) = match digest {
             Some(d) => (d, self.graph(shared, spec, path, d).await),
-            None => match FileStamp::of(path).map(|s| (s, self.known_file(path, s))) {
-                // The same file as a recent submit's, unchanged since: its graph is in memory.
-                Some((_, Some((d, g)))) => (d, Ok(g)),
-                stamped => {
-                    let before = stamped.map(|(s, _)| s);
-                    let hashed = {
-                        let path = path.to_path_buf();
-                        tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
-                    };
-                    let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
-                    let d = hashed
-                        .map_err(|e| Status::internal(e.to_string()))?
-                        .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
-                    if let (Some(stamp), Ok(_)) = (before, &loaded) {
-                        self.remember_file(path, stamp, d);
-                    }
-                    (d, loaded.map(|g| self.remember(d, g)))
+            None => {
+                let before = FileStamp::of(path);
+                match before.and_then(|stamp| self.known_file(path, stamp)) {
+                    // The same file as a recent submit's, unchanged since: its graph is in memory.
+                    Some((d, g)) => (d, Ok(g)),
+                    None => self.hash_and_load(shared, spec, path, before).await?,
                 }
-            },
+            }
         };
         let g = g.map_err(|e| Status::invalid_argument(format!("graph: {e}")))?;
         let params = spec.params.clone().unwrap_or_default();
@@ -217,6 +206,29 @@ impl JobsHost {
 
     /// Loads the graph at `path` on the workers, in the spec's format (else by extension, else
     /// by its first bytes).
+    /// Hashes the file at `path` while loading it; remembers its digest against `before`, its
+    /// stamp from before the hash began, when the load succeeds.
+    async fn hash_and_load(
+        &self,
+        shared: &Shared,
+        spec: &JobSpec,
+        path: &Path,
+        before: Option<FileStamp>,
+    ) -> Result<([u8; 32], Result<Arc<Csr>, String>), Status> {
+        let hashed = {
+            let path = path.to_path_buf();
+            tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
+        };
+        let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
+        let d = hashed
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
+        if let (Some(stamp), Ok(_)) = (before, &loaded) {
+            self.remember_file(path, stamp, d);
+        }
+        Ok((d, loaded.map(|g| self.remember(d, g))))
+    }
+
     async fn load(&self, shared: &Shared, spec: &JobSpec, path: &Path) -> Result<Csr, String> {
         let format = match GraphFormat::try_from(spec.format) {
             Ok(GraphFormat::Snap) => Some(Format::EdgeList),

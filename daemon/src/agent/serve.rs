@@ -42,6 +42,7 @@ use quiver_node_agent::transport::{ErrorCode, InboundStream, NodeId, StreamHeade
 use quiver_node_agent::workers::Workers;
 use quiver_proto::control::diffusion_server::{Diffusion, DiffusionServer};
 use quiver_proto::control::{DiffuseRequest, DiffuseResponse, Kernel, KernelParams};
+use quiver_proto::convert::unpack_ids;
 use quiver_proto::peer::{ControlRequest, ControlResponse, ErrorReply, Opaque, control_request, control_response};
 use tonic::{Request, Response, Status};
 
@@ -214,14 +215,12 @@ pub fn unpack_edges(mut req: DiffuseRequest) -> Result<DiffuseRequest, Status> {
     if !req.sources.is_empty() || !req.targets.is_empty() {
         return Err(invalid("sources_le", "set together with sources/targets: send the edge list one way"));
     }
-    for (field, bytes) in [("sources_le", &req.sources_le), ("targets_le", &req.targets_le)] {
-        if bytes.len() % 4 != 0 {
-            return Err(invalid(field, format!("{} bytes are not whole 4-byte vertex ids", bytes.len())));
-        }
-    }
-    let ids = |b: &[u8]| b.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    req.sources = ids(&std::mem::take(&mut req.sources_le));
-    req.targets = ids(&std::mem::take(&mut req.targets_le));
+    let ids = |field: &str, bytes: Vec<u8>| {
+        unpack_ids(&bytes)
+            .ok_or_else(|| invalid(field, format!("{} bytes are not whole 4-byte vertex ids", bytes.len())))
+    };
+    req.sources = ids("sources_le", std::mem::take(&mut req.sources_le))?;
+    req.targets = ids("targets_le", std::mem::take(&mut req.targets_le))?;
     Ok(req)
 }
 
@@ -861,11 +860,8 @@ mod tests {
         assert_eq!((got.iterations, got.width), (10, 1));
     }
 
-    /// Packs `r`'s edge list into the `_le` fields.
     fn packed(mut r: DiffuseRequest) -> DiffuseRequest {
-        let le = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-        (r.sources_le, r.targets_le) = (le(&r.sources), le(&r.targets));
-        (r.sources, r.targets) = (vec![], vec![]);
+        r.pack_edges();
         r
     }
 

@@ -111,17 +111,16 @@ impl SplitMix {
 pub fn request(size: GraphSize, seed: u64, v: u64) -> DiffuseRequest {
     let (n, m, iterations) = size.shape();
     let mut rng = SplitMix(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ v);
-    // Packed ids (`sources_le`, `targets_le`): the form a client that cares about CPU sends.
-    let mut sources_le = Vec::with_capacity(4 * m);
-    let mut targets_le = Vec::with_capacity(4 * m);
+    let mut sources = Vec::with_capacity(m);
+    let mut targets = Vec::with_capacity(m);
     for _ in 0..m {
-        sources_le.extend_from_slice(&rng.below(n).to_le_bytes());
-        targets_le.extend_from_slice(&rng.below(n).to_le_bytes());
+        sources.push(rng.below(n));
+        targets.push(rng.below(n));
     }
-    DiffuseRequest {
+    let mut req = DiffuseRequest {
         vertices: n,
-        sources_le,
-        targets_le,
+        sources,
+        targets,
         params: Some(KernelParams {
             kernel: Kernel::PersonalizedPagerank as i32,
             alpha: 0.85,
@@ -130,7 +129,10 @@ pub fn request(size: GraphSize, seed: u64, v: u64) -> DiffuseRequest {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    };
+    // Packed ids: the form a client that cares about CPU sends.
+    req.pack_edges();
+    req
 }
 
 /// Requests built ahead of the run when few enough, else built as they fall due.

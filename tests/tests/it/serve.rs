@@ -115,9 +115,7 @@ fn diffuse_equals_quiver_run_rejects_bad_requests_and_bounds_its_queue() {
         assert_eq!(bits(&again.values), bits(&want));
         // Packed ids are the same request: the same bits, from the cache the plain form filled.
         let mut packed = ppr(7, &edges, &[2, 0], 10);
-        let le = |ids: &[u32]| ids.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
-        (packed.sources_le, packed.targets_le) = (le(&packed.sources), le(&packed.targets));
-        (packed.sources, packed.targets) = (vec![], vec![]);
+        packed.pack_edges();
         let got = diffuse(&ch, packed.clone()).await.unwrap();
         assert!(got.cached, "packed and plain edge lists must share a cache key");
         assert_eq!(bits(&got.values), bits(&want));
