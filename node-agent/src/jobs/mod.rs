@@ -155,6 +155,11 @@ impl std::fmt::Debug for JobRuntime {
     }
 }
 
+/// Whether [`JobRuntime::drop_job`]`(job, keep)` stops the owner keyed `k`.
+fn dropped_by(k: &JobKey, job: u64, keep: Option<u64>) -> bool {
+    k.job == job && keep.is_none_or(|e| k.epoch < e)
+}
+
 impl JobRuntime {
     pub fn new(transport: Transport, workers: Workers) -> Arc<Self> {
         Arc::new(Self {
@@ -201,11 +206,13 @@ impl JobRuntime {
         self.active.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Stops every owner of `job` whose epoch is not `keep` and drops their halo mailboxes (all
-    /// of them when `keep` is `None`): cancellation, completion, or a new epoch. Memory of a
-    /// partition is freed when its owner's task ends (a step already on a worker finishes first).
+    /// Stops every owner of `job` from an epoch older than `keep` and drops their halo mailboxes
+    /// (all of them when `keep` is `None`): cancellation, completion, or a new epoch. An owner of
+    /// a *newer* epoch stays: its plan came from a master whose state is ahead of this node's.
+    /// Memory of a partition is freed when its owner's task ends (a step already on a worker
+    /// finishes first).
     pub fn drop_job(&self, job: u64, keep: Option<u64>) {
-        let stale = |k: &JobKey| k.job == job && Some(k.epoch) != keep;
+        let stale = |k: &JobKey| dropped_by(k, job, keep);
         self.owners.retain(|(k, _), handle| {
             if stale(k) {
                 handle.abort();
@@ -433,4 +440,21 @@ async fn write_halos(
     }
     let _ = stream.finish();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{JobKey, dropped_by};
+
+    /// A new epoch stops the older epochs' owners of that job only; an owner of a newer epoch
+    /// than the state this node applied (its master is ahead) stays.
+    #[test]
+    fn drop_job_stops_older_epochs_only() {
+        let k = |job, epoch| JobKey { job, epoch };
+        assert!(dropped_by(&k(7, 1), 7, Some(2)));
+        assert!(!dropped_by(&k(7, 2), 7, Some(2)));
+        assert!(!dropped_by(&k(7, 3), 7, Some(2)), "newer than the applied state");
+        assert!(!dropped_by(&k(8, 1), 7, Some(2)), "another job");
+        assert!(dropped_by(&k(7, 3), 7, None), "the job ended: all of it");
+    }
 }
