@@ -532,9 +532,9 @@ fn fail_unreachable(
 enum Wanted {
     /// The job runs: partitions of this epoch or a newer one (not applied here yet) stay.
     From(u64),
-    /// The job was submitted in an entry this node has not applied yet (a job's id is its
-    /// submit's log index): its master, ahead of this node, already runs it, and the owners
-    /// it started here stay.
+    /// The job's first assignment is not applied here yet: it was submitted in an entry this
+    /// node has not applied (a job's id is its submit's log index), or it is still pending
+    /// here. Its master, ahead of this node, may already run it; the owners it started here stay.
     NotYetApplied,
     /// The job ended, or there is no such job: every partition goes.
     None,
@@ -543,6 +543,7 @@ enum Wanted {
 fn partitions_wanted(state: &quiver_coordinator::ClusterState, job: u64) -> Wanted {
     match state.jobs.get(&job) {
         Some(j) if j.state == CoreJobState::Running => Wanted::From(j.epoch),
+        Some(j) if j.state == CoreJobState::Pending => Wanted::NotYetApplied,
         None if job > state.applied_index => Wanted::NotYetApplied,
         _ => Wanted::None,
     }
@@ -1046,7 +1047,7 @@ mod tests {
         assert_eq!(partitions_wanted(&s, applied), Wanted::None, "no job was submitted at that index");
         let job = applied + 1;
         apply(&mut s, job, Op::Submit { spec: job_spec(vec![2, 3]), graph_digest: [0; 32] });
-        assert_eq!(partitions_wanted(&s, job), Wanted::None, "pending: nothing placed yet");
+        assert_eq!(partitions_wanted(&s, job), Wanted::NotYetApplied, "pending here, maybe assigned at the master");
         apply(&mut s, job + 1, Op::Assign { job, expected_epoch: 0, assignment: Default::default() });
         assert_eq!(partitions_wanted(&s, job), Wanted::From(1));
         apply(&mut s, job + 2, Op::Cancel { job });

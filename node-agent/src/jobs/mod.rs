@@ -213,8 +213,15 @@ impl JobRuntime {
     /// finishes first).
     pub fn drop_job(&self, job: u64, keep: Option<u64>) {
         let stale = |k: &JobKey| dropped_by(k, job, keep);
-        self.owners.retain(|(k, _), handle| {
+        self.owners.retain(|(k, p), handle| {
             if stale(k) {
+                tracing::info!(
+                    job = k.job,
+                    epoch = k.epoch,
+                    partition = p,
+                    ?keep,
+                    "stopped a partition: its job ended or moved to a newer epoch"
+                );
                 handle.abort();
                 false
             } else {
