@@ -71,7 +71,8 @@ fn kernels(c: &mut Criterion) {
     bench_step(c, "heat", &Heat { t: 5.0, seeds, vertices: n });
     let dim = 64;
     let features = generate::features(g.vertices(), dim, 7);
-    let appnp = Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0 };
+    let appnp =
+        Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0, rows: None };
     bench_step(c, "appnp_d64", &appnp);
 }
 

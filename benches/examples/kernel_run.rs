@@ -90,7 +90,7 @@ fn main() {
             }
             _ => {
                 let features = generate::features(g.vertices(), dim, 7);
-                let k = Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0 };
+                let k = Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0, rows: None };
                 time_steps(&k, &lg, iterations)
             }
         };

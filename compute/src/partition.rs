@@ -125,6 +125,62 @@ impl LocalGraph {
         }
     }
 
+    /// The whole graph with its vertices renamed by descending out-degree (ties by ascending
+    /// id), and `order` with `order[new] = old`. Each row keeps its in-neighbour list in the
+    /// original CSR order, only translated to the new names, so a kernel computes every row's
+    /// bits exactly as on the original graph (the determinism contract), while the values most
+    /// rows read sit together at the front of its vectors.
+    pub fn by_out_degree(g: &Csr) -> (Self, Vec<u32>) {
+        let n = g.vertices();
+        let out = g.out_degree();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        order.par_sort_unstable_by_key(|&v| (std::cmp::Reverse(out[v as usize]), v));
+        let mut rank = vec![0u32; n];
+        for (new, &old) in order.iter().enumerate() {
+            rank[old as usize] = new as u32;
+        }
+        let old_off = g.offsets();
+        let len = |new: usize| {
+            let old = order[new] as usize;
+            (old_off[old + 1] - old_off[old]) as u32
+        };
+        let in_degree = Segment::build(n, |d: &mut [u32]| d.par_iter_mut().enumerate().for_each(|(v, d)| *d = len(v)));
+        let out_degree = Segment::build(n, |d: &mut [u32]| {
+            d.par_iter_mut().enumerate().for_each(|(v, d)| *d = out[order[v] as usize])
+        });
+        let offsets = Segment::build(n + 1, |o: &mut [u64]| {
+            for v in 0..n {
+                o[v + 1] = o[v] + in_degree[v] as u64;
+            }
+        });
+        // Rows in blocks filled in parallel, each block a disjoint run of the sources.
+        const BLOCK: usize = 1 << 12;
+        let sources = Segment::build(g.edges(), |s: &mut [u32]| {
+            let mut blocks = Vec::with_capacity(n.div_ceil(BLOCK));
+            let mut rest = s;
+            for b in (0..n).step_by(BLOCK) {
+                let end = (b + BLOCK).min(n);
+                let (block, tail) = rest.split_at_mut((offsets[end] - offsets[b]) as usize);
+                blocks.push((b..end, block));
+                rest = tail;
+            }
+            blocks.into_par_iter().for_each(|(rows, block)| {
+                let base = offsets[rows.start];
+                for v in rows {
+                    let old = order[v] as usize;
+                    let list = &g.sources()[old_off[old] as usize..old_off[old + 1] as usize];
+                    let at = (offsets[v] - base) as usize;
+                    for (o, &u) in block[at..at + list.len()].iter_mut().zip(list) {
+                        *o = rank[u as usize];
+                    }
+                }
+            });
+        });
+        let graph =
+            Self { first: 0, owned: n, locals: n, offsets, sources, out_degree, in_degree, pull: Arc::default() };
+        (graph, order)
+    }
+
     /// Assembles a local graph from arrays (for instance received from a peer), checking the
     /// invariant the kernels rely on: `offsets` has `owned + 1` entries rising from 0 to
     /// `sources.len()`, every source is below `locals`, both degree arrays have `locals` entries,
@@ -264,6 +320,15 @@ pub fn partition_with_alpha(g: &Csr, parts: usize, alpha: u64) -> Result<Partiti
     Ok(partition_at(g, boundaries(g, parts, alpha)?))
 }
 
+impl Partitioning {
+    /// One partition holding `graph` whole (no halo).
+    pub fn single(graph: LocalGraph) -> Self {
+        let bounds = vec![0, graph.owned as u32];
+        let part = Partition { index: 0, graph, halo: Vec::new(), halo_sources: Vec::new(), mirrors: Vec::new() };
+        Partitioning { bounds, parts: vec![part] }
+    }
+}
+
 /// Cuts `g` at `bounds` (`P + 1` ascending vertex ids from 0 to the vertex count, as
 /// [`boundaries`] gives them).
 pub fn partition_at(g: &Csr, bounds: Vec<u32>) -> Partitioning {
@@ -273,14 +338,7 @@ pub fn partition_at(g: &Csr, bounds: Vec<u32>) -> Partitioning {
     );
     let parts = bounds.len() - 1;
     if parts == 1 {
-        let part = Partition {
-            index: 0,
-            graph: LocalGraph::whole(g),
-            halo: Vec::new(),
-            halo_sources: Vec::new(),
-            mirrors: Vec::new(),
-        };
-        return Partitioning { bounds, parts: vec![part] };
+        return Partitioning::single(LocalGraph::whole(g));
     }
     let mut built: Vec<Partition> =
         (0..parts).map(|p| build_partition(g, p, bounds[p]..bounds[p + 1], &bounds)).collect();

@@ -139,6 +139,7 @@ impl OwnedAppnp {
             features: &self.features,
             dim: self.dim,
             base: self.base,
+            rows: None,
         }
     }
 }
