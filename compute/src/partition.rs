@@ -133,8 +133,7 @@ impl LocalGraph {
     pub fn by_out_degree(g: &Csr) -> (Self, Vec<u32>) {
         let n = g.vertices();
         let out = g.out_degree();
-        let mut order: Vec<u32> = (0..n as u32).collect();
-        order.par_sort_unstable_by_key(|&v| (std::cmp::Reverse(out[v as usize]), v));
+        let order = crate::kernels::pull::by_out_degree(out, true);
         let mut rank = vec![0u32; n];
         for (new, &old) in order.iter().enumerate() {
             rank[old as usize] = new as u32;

@@ -15,10 +15,7 @@ use crate::csr::{Csr, CsrError};
 
 /// The graph relabelled by descending out-degree, and `order` with `order[new] = old`.
 pub fn by_degree(g: &Csr) -> Result<(Csr, Vec<u32>), CsrError> {
-    let n = g.vertices();
-    let outdeg = g.out_degree();
-    let mut order: Vec<u32> = (0..n as u32).collect();
-    order.par_sort_unstable_by_key(|&v| (std::cmp::Reverse(outdeg[v as usize]), v));
+    let order = crate::kernels::pull::by_out_degree(g.out_degree(), true);
     Ok((relabel(g, &order)?, order))
 }
 

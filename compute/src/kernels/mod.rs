@@ -182,7 +182,7 @@ fn appnp_renamed(
     for (new, &old) in order.iter().enumerate() {
         rank[old as usize] = new as u32;
     }
-    let mut values = vec![0f32; out.values.len()];
+    let mut values = superstep::huge_zeroed(out.values.len());
     values.par_chunks_mut(d).zip(rank.par_iter()).for_each(|(row, &new)| {
         row.copy_from_slice(&out.values[new as usize * d..][..d]);
     });

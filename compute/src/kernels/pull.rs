@@ -465,18 +465,26 @@ pub(crate) fn max_change(new: &[f32], old: &[f32]) -> f32 {
     lanes.iter().fold(0f32, |m, &l| m.max(l))
 }
 
-/// Vertices with out-edges by out-degree descending, ties by id (a stable counting sort).
+/// Vertices with out-edges by out-degree descending, ties by id.
 fn columns_by_out_degree(deg: &[u32]) -> Vec<u32> {
+    by_out_degree(deg, false)
+}
+
+/// Vertices by out-degree descending, ties by id (a stable counting sort); those without
+/// out-edges come last, and only when `with_sinks`.
+pub(crate) fn by_out_degree(deg: &[u32], with_sinks: bool) -> Vec<u32> {
+    let keep = |d: u32| with_sinks || d > 0;
     let max = deg.iter().copied().max().unwrap_or(0) as usize;
+    // Degree `d` is bucket `max − d`; `start[k]` becomes where bucket `k` begins.
     let mut start = vec![0u32; max + 2];
-    for &d in deg.iter().filter(|&&d| d > 0) {
+    for &d in deg.iter().filter(|&&d| keep(d)) {
         start[max - d as usize + 1] += 1;
     }
     for i in 1..start.len() {
         start[i] += start[i - 1];
     }
     let mut out = vec![0u32; start[max + 1] as usize];
-    for (u, &d) in deg.iter().enumerate().filter(|(_, d)| **d > 0) {
+    for (u, &d) in deg.iter().enumerate().filter(|(_, d)| keep(**d)) {
         let at = &mut start[max - d as usize];
         out[*at as usize] = u as u32;
         *at += 1;
@@ -758,5 +766,8 @@ mod tests {
     fn columns_sort_by_out_degree_then_id() {
         assert_eq!(columns_by_out_degree(&[2, 0, 5, 2, 1, 5]), vec![2, 5, 0, 3, 4]);
         assert!(columns_by_out_degree(&[]).is_empty());
+        assert_eq!(by_out_degree(&[2, 0, 5, 2, 1, 5], true), vec![2, 5, 0, 3, 4, 1]);
+        assert_eq!(by_out_degree(&[0, 0], true), vec![0, 1]);
+        assert!(by_out_degree(&[0, 0], false).is_empty());
     }
 }
