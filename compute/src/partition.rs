@@ -32,6 +32,7 @@ use rayon::prelude::*;
 
 use crate::buf::Segment;
 use crate::csr::Csr;
+use crate::generate::reorder::Renaming;
 use crate::kernels::pull::PullPlan;
 
 /// Why a graph could not be partitioned.
@@ -126,18 +127,15 @@ impl LocalGraph {
     }
 
     /// The whole graph with its vertices renamed by descending out-degree (ties by ascending
-    /// id), and `order` with `order[new] = old`. Each row keeps its in-neighbour list in the
-    /// original CSR order, only translated to the new names, so a kernel computes every row's
-    /// bits exactly as on the original graph (the determinism contract), while the values most
-    /// rows read sit together at the front of its vectors.
-    pub fn by_out_degree(g: &Csr) -> (Self, Vec<u32>) {
+    /// id), and that renaming. Each row keeps its in-neighbour list in the original CSR order,
+    /// only translated to the new names, so a kernel computes every row's bits exactly as on the
+    /// original graph (the determinism contract), while the values most rows read sit together
+    /// at the front of its vectors.
+    pub fn by_out_degree(g: &Csr) -> (Self, Renaming) {
         let n = g.vertices();
         let out = g.out_degree();
-        let order = crate::kernels::pull::by_out_degree(out, true);
-        let mut rank = vec![0u32; n];
-        for (new, &old) in order.iter().enumerate() {
-            rank[old as usize] = new as u32;
-        }
+        let renaming = Renaming::by_out_degree(out);
+        let (order, rank) = (&renaming.order, &renaming.rank);
         let old_off = g.offsets();
         let len = |new: usize| {
             let old = order[new] as usize;
@@ -177,7 +175,7 @@ impl LocalGraph {
         });
         let graph =
             Self { first: 0, owned: n, locals: n, offsets, sources, out_degree, in_degree, pull: Arc::default() };
-        (graph, order)
+        (graph, renaming)
     }
 
     /// Assembles a local graph from arrays (for instance received from a peer), checking the

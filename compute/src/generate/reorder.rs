@@ -13,20 +13,40 @@ use rayon::prelude::*;
 use crate::buf::Segment;
 use crate::csr::{Csr, CsrError};
 
-/// The graph relabelled by descending out-degree, and `order` with `order[new] = old`.
-pub fn by_degree(g: &Csr) -> Result<(Csr, Vec<u32>), CsrError> {
-    let order = crate::kernels::pull::by_out_degree(g.out_degree(), true);
-    Ok((relabel(g, &order)?, order))
+/// A renaming of vertices: `order[new] = old` and its inverse, `rank[old] = new`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Renaming {
+    pub order: Vec<u32>,
+    pub rank: Vec<u32>,
 }
 
-/// The graph with vertex `order[new]` renamed `new` (`order` must be a permutation of `0..n`).
-pub fn relabel(g: &Csr, order: &[u32]) -> Result<Csr, CsrError> {
-    let n = g.vertices();
-    assert_eq!(order.len(), n, "order must list every vertex once");
-    let mut rank = vec![0u32; n];
-    for (new, &old) in order.iter().enumerate() {
-        rank[old as usize] = new as u32;
+impl Renaming {
+    /// The renaming that lists vertices in `order` (a permutation of `0..order.len()`).
+    pub fn from_order(order: Vec<u32>) -> Self {
+        let mut rank = vec![0u32; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            rank[old as usize] = new as u32;
+        }
+        Self { order, rank }
     }
+
+    /// Vertices by descending out-degree, ties by ascending id.
+    pub fn by_out_degree(out_degree: &[u32]) -> Self {
+        Self::from_order(crate::kernels::pull::by_out_degree(out_degree, true))
+    }
+}
+
+/// The graph relabelled by descending out-degree, and `order` with `order[new] = old`.
+pub fn by_degree(g: &Csr) -> Result<(Csr, Vec<u32>), CsrError> {
+    let renaming = Renaming::by_out_degree(g.out_degree());
+    Ok((relabel(g, &renaming)?, renaming.order))
+}
+
+/// The graph with every vertex `old` renamed `renaming.rank[old]` (`renaming` must cover `0..n`).
+pub fn relabel(g: &Csr, renaming: &Renaming) -> Result<Csr, CsrError> {
+    let n = g.vertices();
+    assert_eq!(renaming.order.len(), n, "order must list every vertex once");
+    let (order, rank) = (&renaming.order, &renaming.rank);
     let old_off = g.offsets();
     let mut offsets = vec![0u64; n + 1];
     for (new, &old) in order.iter().enumerate() {

@@ -64,7 +64,7 @@ pub struct Appnp<'a> {
     pub dim: usize,
     pub base: u32,
     /// The feature row of each graph row when the graph's vertices were renamed
-    /// ([`LocalGraph::by_out_degree`]'s order); `None`: row `v` is feature row `v − base`.
+    /// (the `order` of [`LocalGraph::by_out_degree`]'s renaming); `None`: row `v` is feature row `v − base`.
     pub rows: Option<&'a [u32]>,
 }
 

@@ -41,9 +41,9 @@ pub use heat::Heat;
 pub use pagerank::{PageRank, Teleport};
 pub use superstep::{Kernel, Progress, RunOutput, Stop, run_partitioned, run_partitioned_observed};
 
-use crate::csr::Csr;
 use rayon::prelude::*;
 
+use crate::csr::Csr;
 use crate::partition::{self, LocalGraph, PartitionError, Partitioning};
 
 /// Which diffusion to run, with its parameters.
@@ -148,14 +148,13 @@ pub fn run_observed(
     Ok(Output { values: out.values, width, iterations: out.iterations, residual: out.residual })
 }
 
-/// A checked kernel, ready to run on a graph of the vertex count it was built for.
 /// Feature matrices at least this large (bytes) are read through a renamed graph on one
 /// partition: below it they sit in the last-level cache, where the order of rows hardly matters.
 const RENAME_FEATURE_BYTES: usize = 32 << 20;
 
 /// Steps a run must allow for renaming: on Kronecker scale 20, d = 64 (Zen 4 VM) the renaming
-/// and the way back cost 0.3–0.6 s and save 0.07–0.1 s per step, so five steps about break
-/// even and every further step gains.
+/// and the way back cost about 0.2–0.3 s and save 0.07–0.1 s per step, so from about the
+/// fourth step on it gains.
 const RENAME_MIN_STEPS: u32 = 4;
 
 /// Whether a one-partition APPNP run over `graph` renames its vertices first.
@@ -174,22 +173,19 @@ fn appnp_renamed(
     stop: Stop,
     observer: &mut (dyn FnMut(Progress) + Send),
 ) -> superstep::RunOutput {
-    let (renamed, order) = LocalGraph::by_out_degree(graph);
-    let kernel = Appnp { rows: Some(&order), ..k.clone() };
+    let (renamed, renaming) = LocalGraph::by_out_degree(graph);
+    let kernel = Appnp { rows: Some(&renaming.order), ..k.clone() };
     let mut out = run_partitioned_observed(&kernel, &Partitioning::single(renamed), stop, observer);
     let d = k.dim;
-    let mut rank = vec![0u32; order.len()];
-    for (new, &old) in order.iter().enumerate() {
-        rank[old as usize] = new as u32;
-    }
     let mut values = superstep::huge_zeroed(out.values.len());
-    values.par_chunks_mut(d).zip(rank.par_iter()).for_each(|(row, &new)| {
+    values.par_chunks_mut(d).zip(renaming.rank.par_iter()).for_each(|(row, &new)| {
         row.copy_from_slice(&out.values[new as usize * d..][..d]);
     });
     out.values = values;
     out
 }
 
+/// A checked kernel, ready to run on a graph of the vertex count it was built for.
 #[derive(Clone, Debug)]
 pub enum Built<'a> {
     /// PageRank and personalized PageRank.

@@ -205,7 +205,8 @@ fn bit_identical_across_partitions_and_threads() {
 fn renamed_appnp_has_the_plain_runs_bits() {
     let graphs = [generate::kronecker(10, 16, 7).unwrap(), generate::grid(31, 33, false).unwrap()];
     for g in &graphs {
-        let (renamed, order) = LocalGraph::by_out_degree(g);
+        let (renamed, renaming) = LocalGraph::by_out_degree(g);
+        let order = &renaming.order;
         let mut seen = vec![false; g.vertices()];
         order.iter().for_each(|&v| seen[v as usize] = true);
         assert!(seen.iter().all(|&s| s), "the order names every vertex once");
