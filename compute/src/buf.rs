@@ -417,9 +417,87 @@ impl<T: Pod + PartialEq> PartialEq for Segment<T> {
     }
 }
 
+/// A `/proc/meminfo` field (`"MemTotal"`, `"MemAvailable"`, …) in bytes; `None` where the file
+/// or the field does not exist (not Linux) or does not parse.
+pub fn meminfo(field: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo_field(&text, field)
+}
+
+fn meminfo_field(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
+}
+
+/// Bytes this process could still allocate without the kernel reclaiming or killing: the host's
+/// `MemAvailable`, lowered to the headroom of each memory cgroup it runs under (a container's
+/// limit, v2 or v1) when there is one. `None` when the host's figure is unknown.
+pub fn available_memory() -> Option<u64> {
+    let host = meminfo("MemAvailable")?;
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    Some(own.lines().filter_map(cgroup_headroom).fold(host, u64::min))
+}
+
+/// The headroom of the memory cgroup named by one line of `/proc/self/cgroup`
+/// (`id:controllers:path`; v2's line has no controllers), if it has a limit.
+///
+/// The cgroup's directory is looked up under the controller's mount, then at the mount itself
+/// (inside a container's cgroup namespace, or where the host's path is not visible).
+fn cgroup_headroom(line: &str) -> Option<u64> {
+    let mut fields = line.splitn(3, ':');
+    let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+    let (mount, files) = match controllers {
+        "" => ("/sys/fs/cgroup", ["memory.max", "memory.current", "inactive_file"]),
+        c if c.split(',').any(|c| c == "memory") => {
+            ("/sys/fs/cgroup/memory", ["memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"])
+        }
+        _ => return None,
+    };
+    let mount = std::path::Path::new(mount);
+    [mount.join(path.trim().trim_start_matches('/')), mount.to_path_buf()].into_iter().find_map(|dir| {
+        let read = |name: &str| std::fs::read_to_string(dir.join(name)).ok();
+        let stat = read("memory.stat").unwrap_or_default();
+        headroom(&read(files[0])?, &read(files[1])?, &stat, files[2])
+    })
+}
+
+/// `limit − (usage − inactive file pages)`: a cgroup's usage counts the page cache, of which the
+/// inactive part is reclaimed before the limit bites (the working set, as container runtimes
+/// count it). `None` for no limit (`max`) or text that does not parse.
+fn headroom(limit: &str, usage: &str, stat: &str, inactive_key: &str) -> Option<u64> {
+    let limit: u64 = limit.trim().parse().ok()?;
+    let usage: u64 = usage.trim().parse().ok()?;
+    let inactive = stat
+        .lines()
+        .find_map(|l| l.strip_prefix(inactive_key)?.strip_prefix(' ')?.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    Some(limit.saturating_sub(usage.saturating_sub(inactive)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_figures_parse() {
+        let text = "MemTotal:       24731436 kB\nMemFree:        14496668 kB\nMemAvailable:   24157164 kB\n";
+        assert_eq!(meminfo_field(text, "MemAvailable"), Some(24157164 * 1024));
+        assert_eq!(meminfo_field(text, "MemTotal"), Some(24731436 * 1024));
+        // A field is matched whole, not by prefix.
+        assert_eq!(meminfo_field(text, "Mem"), None);
+        assert_eq!(meminfo_field("MemAvailable: lots kB\n", "MemAvailable"), None);
+        let stat = "active_file 1000\ninactive_file 268435456\n";
+        assert_eq!(headroom("1073741824\n", "536870912\n", stat, "inactive_file"), Some(805306368));
+        assert_eq!(headroom("1073741824\n", "536870912\n", "", "inactive_file"), Some(536870912));
+        assert_eq!(headroom("max\n", "268435456\n", stat, "inactive_file"), None);
+        assert_eq!(headroom("100\n", "200\n", "", "inactive_file"), Some(0));
+        assert_eq!(cgroup_headroom("3:cpu,cpuacct:/"), None, "not a memory cgroup");
+        // On this Linux host both figures exist and the available one fits in the total.
+        if let (Some(total), Some(available)) = (meminfo("MemTotal"), available_memory()) {
+            assert!(0 < available && available <= total);
+        }
+    }
 
     #[test]
     fn aligned_and_round_trips() {

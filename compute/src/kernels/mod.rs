@@ -133,7 +133,7 @@ pub fn run_observed(
     let width = kernel.width();
     if let Built::Appnp(k) = &kernel
         && partitions == 1
-        && renames_for(graph, k.dim, params.stop)
+        && renames_for(graph.vertices(), graph.edges(), k.dim, params.stop, crate::buf::available_memory)
     {
         let out = appnp_renamed(graph, k, params.stop, observer);
         return Ok(Output { values: out.values, width, iterations: out.iterations, residual: out.residual });
@@ -157,9 +157,23 @@ const RENAME_FEATURE_BYTES: usize = 32 << 20;
 /// fourth step on it gains.
 const RENAME_MIN_STEPS: u32 = 4;
 
-/// Whether a one-partition APPNP run over `graph` renames its vertices first.
-fn renames_for(graph: &Csr, dim: usize, stop: Stop) -> bool {
-    graph.vertices() * dim * 4 >= RENAME_FEATURE_BYTES && stop.max_iterations >= RENAME_MIN_STEPS
+/// Whether a one-partition APPNP run over a graph of `vertices` and `edges` renames its vertices
+/// first: the feature matrix is large, the run long enough to repay the renaming, and the memory
+/// it adds ([`rename_bytes`]) is at most half of what `available` reports (unknown: assumed
+/// there). Near the host's or the container's limit the run stays in the given order, slower
+/// per step, rather than be killed for the copy.
+fn renames_for(vertices: usize, edges: usize, dim: usize, stop: Stop, available: impl FnOnce() -> Option<u64>) -> bool {
+    vertices.saturating_mul(dim).saturating_mul(4) >= RENAME_FEATURE_BYTES
+        && stop.max_iterations >= RENAME_MIN_STEPS
+        && available().is_none_or(|a| rename_bytes(vertices, edges, dim) <= a / 2)
+}
+
+/// The most memory renaming adds to a plain run: the renamed graph (offsets, sources and both
+/// degree arrays), the renaming and its inverse, and a second result matrix while the rows go
+/// back into vertex order.
+fn rename_bytes(vertices: usize, edges: usize, dim: usize) -> u64 {
+    let (v, e, d) = (vertices as u64, edges as u64, dim as u64);
+    4 * e + 8 * (v + 1) + 16 * v + 4 * v * d
 }
 
 /// APPNP on one partition over the graph renamed by descending out-degree

@@ -233,6 +233,24 @@ fn renamed_appnp_has_the_plain_runs_bits() {
     }
 }
 
+/// Renaming is chosen for large feature matrices and long enough runs, and only with the memory
+/// for its copy to spare: a host or container near its limit runs the given order instead.
+#[test]
+fn renaming_needs_memory_to_spare() {
+    // Kronecker scale 20, d = 64: 256 MiB of features; the renaming adds about 400 MiB.
+    let (v, e, d) = (1 << 20, 31_404_018, 64);
+    let extra = rename_bytes(v, e, d);
+    assert!((390 << 20..410 << 20).contains(&extra), "{extra}");
+    let steps = Stop::iterations(RENAME_MIN_STEPS);
+    assert!(renames_for(v, e, d, steps, || None), "unknown memory: as before");
+    assert!(renames_for(v, e, d, steps, || Some(2 * extra)));
+    assert!(!renames_for(v, e, d, steps, || Some(2 * extra - 1)), "too little to spare");
+    assert!(!renames_for(v, e, d, Stop::iterations(RENAME_MIN_STEPS - 1), || None), "too short");
+    assert!(!renames_for(1 << 10, 1 << 14, d, steps, || None), "features in the caches");
+    // The memory is looked up only for runs that would rename.
+    assert!(!renames_for(1 << 10, 1 << 14, d, steps, || unreachable!("no lookup for a small run")));
+}
+
 /// Straightforward `f64` implementations of the documented formulas, pushing along out-edges.
 mod reference {
     use crate::csr::Csr;

@@ -397,13 +397,7 @@ fn spawn_signals(events: mpsc::Sender<Event>) {
 
 /// Physical memory from `/proc/meminfo` (0 when unknown).
 fn memory_bytes() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
-            line.split_whitespace().nth(1)?.parse::<u64>().ok()
-        })
-        .map_or(0, |kib| kib * 1024)
+    quiver_compute::buf::meminfo("MemTotal").unwrap_or(0)
 }
 
 /// Compile-time check that the store type the loop uses is a [`LogStore`].
