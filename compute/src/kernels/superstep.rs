@@ -26,7 +26,9 @@
 //! float). [`PartitionState::restore`] plus one halo exchange resumes the run bit for bit.
 
 pub use super::pull::PullScratch;
-use crate::buf::Segment;
+use rayon::prelude::*;
+
+use crate::buf::{AlignedFloats, Segment};
 use crate::partition::{HaloSource, LocalGraph, Mirror, Partitioning};
 
 /// A zeroed `f32` vector whose pages the kernel is asked to back with transparent huge pages.
@@ -34,6 +36,13 @@ pub(crate) fn huge_zeroed(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
     advise_huge(&v);
     v
+}
+
+/// A huge-page-advised copy of `values`, copied in parallel.
+pub(crate) fn huge_copy(values: &[f32]) -> Vec<f32> {
+    let mut out = huge_zeroed(values.len());
+    out.par_chunks_mut(1 << 16).zip(values.par_chunks(1 << 16)).for_each(|(o, v)| o.copy_from_slice(v));
+    out
 }
 
 /// Asks the kernel to back the whole 2 MiB pages inside `v` with transparent huge pages.
@@ -226,11 +235,11 @@ pub struct PartitionState<P> {
     width: usize,
     owned: usize,
     /// Current local vector: owned rows, then halo rows.
-    cur: Vec<f32>,
+    cur: AlignedFloats,
     /// The next iterate's owned rows are written here (`owned × width`), then swapped with `cur`
     /// when the partition has no halo, or copied over `cur`'s owned rows when it has one (so a
     /// partition never holds its halo twice: at APPNP widths that is hundreds of megabytes).
-    next: Vec<f32>,
+    next: AlignedFloats,
     aux: Vec<f32>,
     scratch: PullScratch,
 }
@@ -240,10 +249,10 @@ impl<P> PartitionState<P> {
     pub fn new<K: Kernel<Prepared = P>>(kernel: &K, g: &LocalGraph) -> (Self, Partials) {
         let width = kernel.width();
         let prep = kernel.prepare(g);
-        let mut cur = huge_zeroed(g.locals() * width);
+        let mut cur = AlignedFloats::zeroed(g.locals() * width);
         let mut aux = Vec::new();
         let partials = kernel.init(g, &prep, &mut cur[..g.owned() * width], &mut aux);
-        let next = huge_zeroed(g.owned() * width);
+        let next = AlignedFloats::zeroed(g.owned() * width);
         (Self { prep, width, owned: g.owned(), cur, next, aux, scratch: PullScratch::default() }, partials)
     }
 
@@ -253,7 +262,7 @@ impl<P> PartitionState<P> {
         let w = self.width;
         if self.next.is_empty() && self.owned > 0 {
             // Handed to a snapshot by `take_owned_values`.
-            self.next = huge_zeroed(self.owned * w);
+            self.next = AlignedFloats::zeroed(self.owned * w);
         }
         let partials = kernel.step(
             g,
@@ -325,15 +334,15 @@ impl<P> PartitionState<P> {
         (&self.cur[..self.owned * self.width], &self.aux)
     }
 
-    /// The current iterate's owned values (`owned × width`) as a vector of their own, for a
+    /// The current iterate's owned values (`owned × width`) as a segment of their own, for a
     /// checkpoint. With a halo the step has just copied them from `next`, which is handed over
     /// without a copy (the next step allocates a fresh one); without one they are copied.
-    pub fn take_owned_values(&mut self) -> Vec<f32> {
+    pub fn take_owned_values(&mut self) -> Segment<f32> {
         let n = self.owned * self.width;
         if self.cur.len() != self.next.len() && self.next.len() == n {
-            std::mem::take(&mut self.next)
+            std::mem::take(&mut self.next).into_segment()
         } else {
-            self.cur[..n].to_vec()
+            Segment::from_slice(&self.cur[..n])
         }
     }
 
@@ -352,20 +361,22 @@ impl<P> PartitionState<P> {
         if values.len() != want_values || aux.len() != want_aux {
             return Err(SnapshotError { values: values.len(), aux: aux.len(), want_values, want_aux });
         }
-        let mut cur = huge_zeroed(g.locals() * width);
+        let mut cur = AlignedFloats::zeroed(g.locals() * width);
         cur[..want_values].copy_from_slice(values);
-        let next = huge_zeroed(g.owned() * width);
+        let next = AlignedFloats::zeroed(g.owned() * width);
         let prep = kernel.prepare(g);
         Ok(Self { prep, width, owned: g.owned(), cur, next, aux: aux.to_vec(), scratch: PullScratch::default() })
     }
 
     /// The result rows of the owned vertices (`owned × width`), consuming the state.
     pub fn into_result<K: Kernel<Prepared = P>>(self, kernel: &K) -> Vec<f32> {
-        let Self { mut cur, next, aux, scratch, owned, width, .. } = self;
-        // Free the other buffers first: at APPNP scale each is hundreds of megabytes.
+        let Self { cur, next, aux, scratch, owned, width, .. } = self;
+        // Free the other buffers first: at APPNP scale each is hundreds of megabytes, and the
+        // copy below then takes no more memory than `next` held.
         drop((next, scratch));
-        cur.truncate(owned * width);
-        kernel.finish(cur, aux)
+        let values = huge_copy(&cur[..owned * width]);
+        drop(cur);
+        kernel.finish(values, aux)
     }
 }
 
@@ -516,7 +527,7 @@ mod tests {
             .zip(states.iter_mut())
             .map(|(p, s)| {
                 let values = s.take_owned_values();
-                assert_eq!(values, s.snapshot().0);
+                assert_eq!(&values[..], s.snapshot().0);
                 let aux = s.snapshot().1.to_vec();
                 PartitionState::restore(&kernel, &p.graph, &values, &aux).unwrap()
             })
@@ -534,6 +545,34 @@ mod tests {
         let p0 = &parts.parts[0].graph;
         let err = PartitionState::restore(&kernel, p0, &[1.0], &[]).unwrap_err();
         assert_eq!(err.want_values, p0.owned());
+    }
+
+    /// The iterate starts on a cache line, so a 64-wide row is four
+    /// whole lines, before and after steps and after a restore.
+    #[test]
+    fn iterates_are_cache_line_aligned() {
+        use crate::kernels::{Appnp, Normalization};
+        let g = crate::generate::kronecker(12, 8, 3).unwrap();
+        let lg = LocalGraph::whole(&g);
+        let feats = crate::generate::features(g.vertices(), 64, 1);
+        let k = Appnp {
+            alpha: 0.1,
+            normalization: Normalization::Symmetric,
+            features: &feats,
+            dim: 64,
+            base: 0,
+            rows: None,
+        };
+        let (mut s, p) = PartitionState::new(&k, &lg);
+        let aligned = |s: &PartitionState<_>, at: usize| assert_eq!(s.snapshot().0.as_ptr() as usize % at, 0);
+        aligned(&s, 64);
+        for step in 1..=2 {
+            s.step(&k, &lg, &Globals::new(p, step));
+            aligned(&s, 64);
+        }
+        let values = s.take_owned_values();
+        assert_eq!(values.as_ptr() as usize % 64, 0);
+        aligned(&PartitionState::restore(&k, &lg, &values, &[]).unwrap(), 64);
     }
 
     #[test]

@@ -498,7 +498,7 @@ where
                         let partials = state.step(&*k, &pt.graph, &Globals { mass, step });
                         let snapshot = checkpoint.then(|| {
                             let aux = Segment::from_slice(state.snapshot().1);
-                            Snapshot { values: Segment::from_floats(state.take_owned_values()), aux }
+                            Snapshot { values: state.take_owned_values(), aux }
                         });
                         (state, partials, snapshot)
                     })
