@@ -38,7 +38,7 @@
 //! descending out-degree ([`LocalGraph::by_out_degree`]; [`Appnp::rows`] then maps each row to
 //! its input features), which packs the most-read rows together (0.42–0.47 → 0.34–0.39 s per
 //! step on scale 20, d = 64, Zen 4 VM with 32 MiB L3). Lists keep their CSR order, so the bits
-//! are the same. The iterates live in [`crate::buf::AlignedFloats`], so a 64-wide row is four
+//! are the same. Large iterates live in [`crate::buf::AlignedFloats`], so a 64-wide row is four
 //! whole cache lines; in a `Vec<f32>` (16 bytes past a boundary) it was five, and the same steps
 //! took about 13 % longer (Intel VM, scale 20, d = 64).
 

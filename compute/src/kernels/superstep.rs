@@ -374,9 +374,7 @@ impl<P> PartitionState<P> {
         // Free the other buffers first: at APPNP scale each is hundreds of megabytes, and the
         // copy below then takes no more memory than `next` held.
         drop((next, scratch));
-        let values = huge_copy(&cur[..owned * width]);
-        drop(cur);
-        kernel.finish(values, aux)
+        kernel.finish(cur.into_vec(owned * width, huge_copy), aux)
     }
 }
 
@@ -547,12 +545,12 @@ mod tests {
         assert_eq!(err.want_values, p0.owned());
     }
 
-    /// The iterate starts on a cache line, so a 64-wide row is four
-    /// whole lines, before and after steps and after a restore.
+    /// A large iterate starts on a cache line, so a 64-wide row is four whole lines, before and
+    /// after steps and after a restore.
     #[test]
     fn iterates_are_cache_line_aligned() {
         use crate::kernels::{Appnp, Normalization};
-        let g = crate::generate::kronecker(12, 8, 3).unwrap();
+        let g = crate::generate::kronecker(14, 8, 3).unwrap();
         let lg = LocalGraph::whole(&g);
         let feats = crate::generate::features(g.vertices(), 64, 1);
         let k = Appnp {
