@@ -8,8 +8,15 @@
 //! or at run time on the agent's HTTP port: `PUT /chaos/failpoints/NAME` with the action as the
 //! body, `DELETE /chaos/failpoints/NAME`, `GET /chaos/failpoints`.
 //!
-//! ```ignore
-//! fail::fail_point!(quiver_node_agent::failpoints::JOB_CHECKPOINT, |_| Err(/* an error */));
+//! The code marks a failpoint with `fail::fail_point!`; while none is configured (and always in a
+//! build without the feature) the mark does nothing:
+//!
+//! ```
+//! fn write_checkpoint() -> Result<(), String> {
+//!     fail::fail_point!(quiver_node_agent::failpoints::JOB_CHECKPOINT, |_| Err("injected".to_string()));
+//!     Ok(())
+//! }
+//! assert_eq!(write_checkpoint(), Ok(()));
 //! ```
 
 /// Daemon event loop, just before the Raft log batch is written and fsynced. `return` makes
@@ -22,9 +29,11 @@ pub const RAFT_PERSIST_AFTER: &str = "raft::persist::after";
 /// encoded but not yet on disk (`return` fails the write, `panic` crashes mid-snapshot).
 /// The same string as `quiver_coordinator::failpoints::RAFT_SNAPSHOT`.
 pub const RAFT_SNAPSHOT: &str = "raft::snapshot";
-/// Jobs: while a checkpoint of a job's diffusion state is being written (for the jobs code).
+/// Jobs: a checkpoint of a job's diffusion state is being made durable on the master's disk.
+/// `return` fails the write (the job goes on without that checkpoint).
 pub const JOB_CHECKPOINT: &str = "job::checkpoint";
-/// Jobs: while a partition or checkpoint is being transferred between nodes (for the jobs code).
+/// Jobs: a job's file (its graph, or a checkpoint's part) is about to be copied to another
+/// holder. `return` fails that copy (the holder is skipped, as when it cannot be reached).
 pub const JOB_TRANSFER: &str = "job::transfer";
 
 /// Every failpoint name.

@@ -882,6 +882,11 @@ async fn store_checkpoints(
         // (hundreds of MB at disk speed) there would stall the local partition's supersteps.
         let written = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let io = |e: std::io::Error| format!("{}: {e}", dir.display());
+            fail::fail_point!(quiver_node_agent::failpoints::JOB_CHECKPOINT, |_| Err(format!(
+                "{}: failpoint {}",
+                dir.display(),
+                quiver_node_agent::failpoints::JOB_CHECKPOINT
+            )));
             for i in 0..parts {
                 for f in [format!("p{i}.values.npy"), format!("p{i}.aux.npy")] {
                     let path = dir.join(f);

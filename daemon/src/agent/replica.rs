@@ -73,6 +73,10 @@ const MAX_REPLICA_BYTES: u64 = 1 << 40;
 /// file changed since it was named fails the receiver's check); other files are hashed first.
 pub async fn push(shared: &Shared, to: u64, name: &str, path: &Path) -> Result<()> {
     check_name(name).map_err(anyhow::Error::msg)?;
+    fail::fail_point!(quiver_node_agent::failpoints::JOB_TRANSFER, |_| Err(anyhow::anyhow!(
+        "{name} to node {to}: failpoint {}",
+        quiver_node_agent::failpoints::JOB_TRANSFER
+    )));
     // A blob is named by its SHA-256 (the receiver checks the bytes against it); anything else
     // is hashed here.
     let digest = match name.strip_prefix("blobs/").and_then(crate::run::digest_from_hex) {
