@@ -156,71 +156,45 @@ impl fmt::Debug for AlignedBytes {
     }
 }
 
-/// A fixed-length, zeroed vector of `f32` for the kernels' iterates: from 2 MiB up an
-/// [`AlignedBytes`] (2 MiB aligned, advised for huge pages), below it a plain `Vec<f32>`.
+/// A fixed-length, zeroed vector of `f32` for the kernels' iterates, in an [`AlignedBytes`]: on a
+/// cache line, and from 2 MiB up on a 2 MiB page advised for huge pages.
 ///
 /// A large `Vec<f32>` starts 16 bytes past a page boundary (glibc's header on its own mapping),
 /// so each 256-byte APPNP feature row (d = 64) spans five cache lines instead of four and every
 /// 64-byte vector load of it is split over two; on aligned rows the step measured about 13 %
-/// faster (benches/RESULTS.md, 2026-12-06). Small vectors, the serving path's, stay as they
-/// were: there alignment was never measured to matter, and their allocation and hand-over
-/// ([`Self::into_vec`] without a copy) are on every request's path.
+/// faster (benches/RESULTS.md, 2026-12-06). A finished iterate becomes a result
+/// ([`Self::into_segment`]) without a copy.
 #[derive(Debug)]
-pub enum AlignedFloats {
-    Small(Vec<f32>),
-    Large(AlignedBytes),
-}
+pub struct AlignedFloats(AlignedBytes);
 
 impl AlignedFloats {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
-        let bytes = len.checked_mul(4).expect("allocation size overflows usize");
-        if bytes < MAPPED_FROM { Self::Small(vec![0.0; len]) } else { Self::Large(AlignedBytes::zeroed(bytes)) }
+        Self(AlignedBytes::zeroed(len.checked_mul(4).expect("allocation size overflows usize")))
     }
 
     /// The values as a segment, without a copy.
     pub fn into_segment(self) -> Segment<f32> {
-        match self {
-            Self::Small(v) => Segment::from_floats(v),
-            Self::Large(b) => Segment::from_aligned(b),
-        }
-    }
-
-    /// The first `len` values as a vector: the small one itself, truncated; a large one copied
-    /// out by `copy` (which may run in parallel).
-    pub fn into_vec(self, len: usize, copy: impl FnOnce(&[f32]) -> Vec<f32>) -> Vec<f32> {
-        match self {
-            Self::Small(mut v) => {
-                v.truncate(len);
-                v
-            }
-            Self::Large(b) => copy(&b.as_typed::<f32>()[..len]),
-        }
+        Segment::from_aligned(self.0)
     }
 }
 
 impl Default for AlignedFloats {
     fn default() -> Self {
-        Self::Small(Vec::new())
+        Self::zeroed(0)
     }
 }
 
 impl Deref for AlignedFloats {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
-        match self {
-            Self::Small(v) => v,
-            Self::Large(b) => b.as_typed(),
-        }
+        self.0.as_typed()
     }
 }
 
 impl std::ops::DerefMut for AlignedFloats {
     fn deref_mut(&mut self) -> &mut [f32] {
-        match self {
-            Self::Small(v) => v,
-            Self::Large(b) => b.as_mut_typed(),
-        }
+        self.0.as_mut_typed()
     }
 }
 

@@ -45,6 +45,7 @@
 use rayon::prelude::*;
 
 use super::superstep::{Globals, Kernel, Partials, PullScratch};
+use crate::buf::Segment;
 use crate::partition::LocalGraph;
 
 /// How `Ã = A + I` is normalised.
@@ -167,7 +168,7 @@ impl Kernel for Appnp<'_> {
         Partials { residual, ..Partials::default() }
     }
 
-    fn finish(&self, x: Vec<f32>, _aux: Vec<f32>) -> Vec<f32> {
+    fn finish(&self, x: Segment<f32>, _aux: Vec<f32>) -> Segment<f32> {
         x
     }
 }

@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use super::pagerank::{Prepared, Teleport, dangling_mass};
 use super::pull::{PullScratch, WINDOW, dangling_sum};
 use super::superstep::{Globals, Kernel, Partials};
+use crate::buf::Segment;
 use crate::partition::LocalGraph;
 
 /// The heat kernel started from the uniform distribution on `seeds` (sorted, unique, in range).
@@ -81,7 +82,7 @@ impl Kernel for Heat {
         })
     }
 
-    fn finish(&self, _x: Vec<f32>, h: Vec<f32>) -> Vec<f32> {
-        h
+    fn finish(&self, _x: Segment<f32>, h: Vec<f32>) -> Segment<f32> {
+        Segment::from_floats(h)
     }
 }

@@ -43,6 +43,7 @@ pub use superstep::{Kernel, Progress, RunOutput, Stop, run_partitioned, run_part
 
 use rayon::prelude::*;
 
+use crate::buf::Segment;
 use crate::csr::Csr;
 use crate::partition::{self, LocalGraph, PartitionError, Partitioning};
 
@@ -82,7 +83,7 @@ pub struct Params<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Output {
     /// One row per vertex in vertex order, `width` values each (row-major).
-    pub values: Vec<f32>,
+    pub values: Segment<f32>,
     /// Values per vertex: 1, or the feature dimension for APPNP.
     pub width: usize,
     /// Steps run.
@@ -191,11 +192,11 @@ fn appnp_renamed(
     let kernel = Appnp { rows: Some(&renaming.order), ..k.clone() };
     let mut out = run_partitioned_observed(&kernel, &Partitioning::single(renamed), stop, observer);
     let d = k.dim;
-    let mut values = superstep::huge_zeroed(out.values.len());
-    values.par_chunks_mut(d).zip(renaming.rank.par_iter()).for_each(|(row, &new)| {
-        row.copy_from_slice(&out.values[new as usize * d..][..d]);
+    out.values = Segment::build(out.values.len(), |values| {
+        values.par_chunks_mut(d).zip(renaming.rank.par_iter()).for_each(|(row, &new)| {
+            row.copy_from_slice(&out.values[new as usize * d..][..d]);
+        });
     });
-    out.values = values;
     out
 }
 

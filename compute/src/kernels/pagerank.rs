@@ -21,6 +21,7 @@ use rayon::prelude::*;
 
 use super::pull::{PullPlan, PullScratch, WINDOW, dangling_sum, max_change};
 use super::superstep::{ExactSum, Globals, Kernel, Partials};
+use crate::buf::Segment;
 use crate::partition::LocalGraph;
 
 /// Where the teleporting walker lands.
@@ -138,7 +139,7 @@ impl Kernel for PageRank {
         })
     }
 
-    fn finish(&self, x: Vec<f32>, _aux: Vec<f32>) -> Vec<f32> {
+    fn finish(&self, x: Segment<f32>, _aux: Vec<f32>) -> Segment<f32> {
         x
     }
 }

@@ -26,8 +26,6 @@
 //! float). [`PartitionState::restore`] plus one halo exchange resumes the run bit for bit.
 
 pub use super::pull::PullScratch;
-use rayon::prelude::*;
-
 use crate::buf::{AlignedFloats, Segment};
 use crate::partition::{HaloSource, LocalGraph, Mirror, Partitioning};
 
@@ -36,13 +34,6 @@ pub(crate) fn huge_zeroed(len: usize) -> Vec<f32> {
     let v = vec![0f32; len];
     advise_huge(&v);
     v
-}
-
-/// A huge-page-advised copy of `values`, copied in parallel.
-pub(crate) fn huge_copy(values: &[f32]) -> Vec<f32> {
-    let mut out = huge_zeroed(values.len());
-    out.par_chunks_mut(1 << 16).zip(values.par_chunks(1 << 16)).for_each(|(o, v)| o.copy_from_slice(v));
-    out
 }
 
 /// Asks the kernel to back the whole 2 MiB pages inside `v` with transparent huge pages.
@@ -224,8 +215,8 @@ pub trait Kernel: Sync {
     ) -> Partials;
 
     /// The result rows of the owned vertices, given the owned part of the current iterate and
-    /// the private state (both moved, so a result can be returned without a copy).
-    fn finish(&self, x: Vec<f32>, aux: Vec<f32>) -> Vec<f32>;
+    /// the private state (both moved, so a result is returned without a copy).
+    fn finish(&self, x: Segment<f32>, aux: Vec<f32>) -> Segment<f32>;
 }
 
 /// One partition's iterate and scratch memory between supersteps.
@@ -368,13 +359,11 @@ impl<P> PartitionState<P> {
         Ok(Self { prep, width, owned: g.owned(), cur, next, aux: aux.to_vec(), scratch: PullScratch::default() })
     }
 
-    /// The result rows of the owned vertices (`owned × width`), consuming the state.
-    pub fn into_result<K: Kernel<Prepared = P>>(self, kernel: &K) -> Vec<f32> {
-        let Self { cur, next, aux, scratch, owned, width, .. } = self;
-        // Free the other buffers first: at APPNP scale each is hundreds of megabytes, and the
-        // copy below then takes no more memory than `next` held.
-        drop((next, scratch));
-        kernel.finish(cur.into_vec(owned * width, huge_copy), aux)
+    /// The result rows of the owned vertices (`owned × width`), consuming the state: a view of
+    /// the iterate (or of the kernel's own state), not a copy.
+    pub fn into_result<K: Kernel<Prepared = P>>(self, kernel: &K) -> Segment<f32> {
+        let Self { cur, aux, owned, width, .. } = self;
+        kernel.finish(cur.into_segment().slice(0..owned * width), aux)
     }
 }
 
@@ -392,7 +381,7 @@ pub struct SnapshotError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RunOutput {
     /// Result rows of all vertices in global order (`vertices × width`, row-major).
-    pub values: Vec<f32>,
+    pub values: Segment<f32>,
     /// Steps run.
     pub iterations: u32,
     /// L∞ residual of the last step (`f32::INFINITY` if no step ran).
@@ -452,11 +441,15 @@ pub fn run_partitioned_observed<K: Kernel>(
     let values = if states.len() == 1 {
         states.pop().expect("one state").into_result(kernel)
     } else {
-        let mut values = Vec::with_capacity(states.iter().map(|s| s.owned * s.width).sum());
-        for state in states {
-            values.extend_from_slice(&state.into_result(kernel));
-        }
-        values
+        let parts: Vec<Segment<f32>> = states.into_iter().map(|s| s.into_result(kernel)).collect();
+        Segment::build(parts.iter().map(|p| p.len()).sum(), |values| {
+            let mut rest = values;
+            for p in &parts {
+                let (here, after) = rest.split_at_mut(p.len());
+                here.copy_from_slice(p);
+                rest = after;
+            }
+        })
     };
     RunOutput { values, iterations, residual }
 }
@@ -535,7 +528,7 @@ mod tests {
         // The states the values were taken from step on just as well.
         steps(&kernel, &parts, &mut states, partials, 3, 7);
         let bits = |s: Vec<PartitionState<_>>| -> Vec<u32> {
-            s.into_iter().flat_map(|s| s.into_result(&kernel)).map(f32::to_bits).collect()
+            s.into_iter().flat_map(|s| s.into_result(&kernel).iter().map(|x| x.to_bits()).collect::<Vec<_>>()).collect()
         };
         let want: Vec<u32> = straight.iter().map(|x| x.to_bits()).collect();
         assert_eq!(bits(restored), want);

@@ -586,7 +586,7 @@ fn compute(req: DiffuseRequest, c: Checked) -> Result<Answer, String> {
     };
     let out = kernels::run(&g, &Params { algorithm, stop: c.stop }, 1).map_err(|e| e.to_string())?;
     Ok(Answer {
-        values: out.values,
+        values: out.values.to_vec(),
         width: out.width as u32,
         iterations: out.iterations,
         residual: f64::from(out.residual),

@@ -24,7 +24,7 @@ use quiver_proto::peer::{JobMessage, JobPlan, StepGo, StreamHeader, StreamKind, 
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
-use super::owner::{Rows, Snapshot, ToMaster, ToOwner, run_owner};
+use super::owner::{Snapshot, ToMaster, ToOwner, run_owner};
 use super::wire::{OwnedPart, partials_from_wire};
 use super::{JobKey, JobRuntime, KernelSpec, PartKey};
 use crate::transport::{NodeId, PeerRecvStream, PeerSendStream};
@@ -456,7 +456,7 @@ pub async fn run_master(
         "supersteps done"
     );
 
-    let mut rows: Vec<Option<Rows>> = (0..count).map(|_| None).collect();
+    let mut rows: Vec<Option<Segment<f32>>> = (0..count).map(|_| None).collect();
     let mut missing = count;
     while missing > 0 {
         let Some((p, msg)) = rx.recv().await else {
@@ -466,10 +466,10 @@ pub async fn run_master(
         match msg {
             ToMaster::Result(r) => {
                 let want = (bounds[pi + 1] - bounds[pi]) as usize * width;
-                if r.as_slice().len() != want {
+                if r.len() != want {
                     return Err(MasterError::fatal(format!(
                         "partition {p} sent {} result values, expected {want}",
-                        r.as_slice().len()
+                        r.len()
                     )));
                 }
                 if rows[pi].replace(r).is_none() {
@@ -479,7 +479,7 @@ pub async fn run_master(
             other => return Err(unexpected(p, other, &job.owners, "waiting for results")),
         }
     }
-    let parts = rows.into_iter().flatten().map(Rows::into_segment).collect();
+    let parts = rows.into_iter().flatten().collect();
     links.shutdown().await;
     Ok(MasterOutput { parts, width, iterations, residual })
 }
@@ -679,7 +679,7 @@ impl RemoteLink {
                                 .ok_or_else(|| ToMaster::Lost("no result frame".into()))?;
                             let values =
                                 frame.segment::<f32>(0).map_err(|e| ToMaster::Failed(format!("result frame: {e}")))?;
-                            let _ = tx.send((p, ToMaster::Result(Rows::Received(values))));
+                            let _ = tx.send((p, ToMaster::Result(values)));
                             return Ok(());
                         }
                         Some(job_message::Body::Abort(reason)) => return Err(ToMaster::Failed(reason)),

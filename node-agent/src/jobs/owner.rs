@@ -25,29 +25,6 @@ pub(crate) enum ToOwner {
     Finish,
 }
 
-/// An owner's result rows, wherever they came from.
-#[derive(Debug)]
-pub(crate) enum Rows {
-    Local(Vec<f32>),
-    Received(Segment<f32>),
-}
-
-impl Rows {
-    pub(crate) fn as_slice(&self) -> &[f32] {
-        match self {
-            Rows::Local(v) => v,
-            Rows::Received(s) => s,
-        }
-    }
-
-    pub(crate) fn into_segment(self) -> Segment<f32> {
-        match self {
-            Rows::Local(v) => Segment::from_floats(v),
-            Rows::Received(s) => s,
-        }
-    }
-}
-
 /// What an owner tells the master.
 #[derive(Debug)]
 pub(crate) enum ToMaster {
@@ -66,7 +43,7 @@ pub(crate) enum ToMaster {
     SnapshotStored {
         step: u32,
     },
-    Result(Rows),
+    Result(Segment<f32>),
     /// The owner gave up (a compute or protocol error: retrying the same input fails again).
     Failed(String),
     /// The link to the owner broke (a node or connection was lost: another epoch may succeed).
@@ -178,7 +155,7 @@ impl Kernel for OwnedAppnp {
         self.view().step(g, prep, globals, x, next, aux, scratch)
     }
 
-    fn finish(&self, x: Vec<f32>, aux: Vec<f32>) -> Vec<f32> {
+    fn finish(&self, x: Segment<f32>, aux: Vec<f32>) -> Segment<f32> {
         self.view().finish(x, aux)
     }
 }
@@ -532,7 +509,7 @@ where
                     .run(numa, move || state.into_result(&*k))
                     .await
                     .map_err(|e| format!("partition {p}: {e}"))?;
-                let _ = tx.send((p, ToMaster::Result(Rows::Local(values))));
+                let _ = tx.send((p, ToMaster::Result(values)));
                 return Ok(());
             }
             None => return Err("the job master went away".into()),
@@ -769,9 +746,7 @@ pub(crate) async fn serve_remote(rt: Arc<JobRuntime>, mut s: InboundStream) {
                         break;
                     }
                 }
-                Some((_, ToMaster::Result(rows))) => {
-                    let values = Segment::from_slice(rows.as_slice());
-                    drop(rows);
+                Some((_, ToMaster::Result(values))) => {
                     let mut frame = OutFrame::new(None);
                     frame.push("result", &values).set_last(true);
                     let follows = JobMessage { body: Some(job_message::Body::ResultFollows(true)) };
