@@ -148,7 +148,7 @@ impl PullPlan {
     /// The sliced layout with `width`-byte columns (`None`: the narrowest that fits) summed by
     /// `simd`, which must be available (tests force either on small graphs).
     fn sliced(g: &LocalGraph, width: Option<usize>, simd: Simd) -> Self {
-        let columns = columns_by_out_degree(g.out_degree());
+        let columns = by_out_degree(g.out_degree(), false);
         let column_degree = columns.par_iter().map(|&u| g.out_degree()[u as usize] as f32).collect();
         let compact: Vec<AtomicU32> = (0..g.locals()).into_par_iter().map(|_| AtomicU32::new(u32::MAX)).collect();
         columns.par_iter().enumerate().for_each(|(i, &u)| compact[u as usize].store(i as u32, Relaxed));
@@ -465,11 +465,6 @@ pub(crate) fn max_change(new: &[f32], old: &[f32]) -> f32 {
     lanes.iter().fold(0f32, |m, &l| m.max(l))
 }
 
-/// Vertices with out-edges by out-degree descending, ties by id.
-fn columns_by_out_degree(deg: &[u32]) -> Vec<u32> {
-    by_out_degree(deg, false)
-}
-
 /// Vertices by out-degree descending, ties by id (a stable counting sort); those without
 /// out-edges come last, and only when `with_sinks`.
 pub(crate) fn by_out_degree(deg: &[u32], with_sinks: bool) -> Vec<u32> {
@@ -764,8 +759,8 @@ mod tests {
 
     #[test]
     fn columns_sort_by_out_degree_then_id() {
-        assert_eq!(columns_by_out_degree(&[2, 0, 5, 2, 1, 5]), vec![2, 5, 0, 3, 4]);
-        assert!(columns_by_out_degree(&[]).is_empty());
+        assert_eq!(by_out_degree(&[2, 0, 5, 2, 1, 5], false), vec![2, 5, 0, 3, 4]);
+        assert!(by_out_degree(&[], false).is_empty());
         assert_eq!(by_out_degree(&[2, 0, 5, 2, 1, 5], true), vec![2, 5, 0, 3, 4, 1]);
         assert_eq!(by_out_degree(&[0, 0], true), vec![0, 1]);
         assert!(by_out_degree(&[0, 0], false).is_empty());
