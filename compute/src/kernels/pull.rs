@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use rayon::prelude::*;
 
 use super::superstep::{ExactSum, Partials};
+use crate::buf::AlignedFloats;
 use crate::partition::LocalGraph;
 
 /// Consecutive rows sorted together by length: small enough that a window's sums land in a few
@@ -105,10 +106,22 @@ pub struct PullPlan {
 /// Reusable memory of the pull sum.
 #[derive(Debug, Default)]
 pub struct PullScratch {
-    /// Contributions by compact column.
-    contrib: Vec<f32>,
+    /// Contributions by compact column (by local vertex when rows are summed from the CSR). The
+    /// step's gathers read it at random: from 2 MiB up it sits in transparent huge pages, so they
+    /// do not miss the TLB.
+    contrib: AlignedFloats,
     /// `f64` bits per long row, in row order.
     long_sums: Vec<AtomicU64>,
+}
+
+impl PullScratch {
+    /// The contributions array, `len` long (its old values, when it had that length).
+    fn contributions(&mut self, len: usize) -> &mut [f32] {
+        if self.contrib.len() != len {
+            self.contrib = AlignedFloats::zeroed(len);
+        }
+        &mut self.contrib
+    }
 }
 
 impl PullPlan {
@@ -281,8 +294,7 @@ impl PullPlan {
         if !self.sliced {
             return pull_direct(g, y, scratch, windows, f);
         }
-        scratch.contrib.resize(self.columns.len(), 0.0);
-        scratch.contrib.par_chunks_mut(1 << 14).enumerate().for_each(|(k, c)| {
+        scratch.contributions(self.columns.len()).par_chunks_mut(1 << 14).enumerate().for_each(|(k, c)| {
             let at = k << 14;
             let (cols, deg) = (&self.columns[at..at + c.len()], &self.column_degree[at..at + c.len()]);
             for ((c, &u), &d) in c.iter_mut().zip(cols).zip(deg) {
@@ -370,8 +382,9 @@ where
     F: Fn(usize, &[f64], T) -> Partials + Sync + Send,
 {
     let deg = g.out_degree();
-    scratch.contrib.clear();
-    scratch.contrib.extend(y.iter().zip(deg).map(|(&y, &d)| if d == 0 { 0.0 } else { y / d as f32 }));
+    for ((c, &y), &d) in scratch.contributions(y.len()).iter_mut().zip(y).zip(deg) {
+        *c = if d == 0 { 0.0 } else { y / d as f32 };
+    }
     let c = &scratch.contrib[..];
     windows
         .enumerate()
