@@ -120,6 +120,46 @@ impl AlignedBytes {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
     }
 
+    /// Shortens the buffer to `len` bytes (no-op if it is not longer) and gives the memory past
+    /// the new end back: a mapping's whole pages after it are released to the kernel (they read
+    /// as zeros if touched again; a [`Prefault`] still running may do so), and a heap buffer is
+    /// shrunk by the allocator. The bytes kept are not moved when mapped, so a finished iterate
+    /// with halo rows after its owned ones becomes a result of the owned ones without a copy.
+    pub fn truncate(&mut self, len: usize) {
+        if len >= self.len {
+            return;
+        }
+        if self.mapping.is_some() {
+            #[cfg(target_os = "linux")]
+            {
+                const PAGE: usize = 4096;
+                let at = self.ptr.as_ptr() as usize;
+                let (start, end) = ((at + len).next_multiple_of(PAGE), (at + self.len).next_multiple_of(PAGE));
+                if end > start {
+                    // SAFETY: `start..end` lies inside the mapping (its usable part is rounded up to
+                    // whole huge pages); no byte in it is reachable once `len` is lowered, and
+                    // MADV_DONTNEED on a private anonymous mapping only drops those pages.
+                    unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+                }
+            }
+            self.len = len;
+            return;
+        }
+        if len == 0 {
+            // The old buffer is freed as it is dropped.
+            *self = Self::zeroed(0);
+            return;
+        }
+        let layout = Layout::from_size_align(self.len, SEGMENT_ALIGN).expect("layout was valid at allocation");
+        // SAFETY: allocated with `layout`; `len` is non-zero and below the old size. realloc keeps
+        // the alignment and the first `len` bytes.
+        let raw = unsafe { alloc::realloc(self.ptr.as_ptr(), layout, len) };
+        let Some(ptr) = NonNull::new(raw) else {
+            alloc::handle_alloc_error(Layout::from_size_align(len, SEGMENT_ALIGN).expect("smaller than a valid layout"))
+        };
+        (self.ptr, self.len) = (ptr, len);
+    }
+
     /// Views the buffer as a slice of `T` (the length must be a multiple of `size_of::<T>()`).
     pub fn as_typed<T: Pod>(&self) -> &[T] {
         let size = std::mem::size_of::<T>();
@@ -171,6 +211,12 @@ impl AlignedFloats {
     /// `len` zeros.
     pub fn zeroed(len: usize) -> Self {
         Self(AlignedBytes::zeroed(len.checked_mul(4).expect("allocation size overflows usize")))
+    }
+
+    /// Keeps the first `len` values and gives the memory after them back
+    /// ([`AlignedBytes::truncate`]).
+    pub fn truncate(&mut self, len: usize) {
+        self.0.truncate(len.checked_mul(4).expect("length overflows usize"));
     }
 
     /// The values as a segment, without a copy.
@@ -577,6 +623,41 @@ mod tests {
             assert!(buf.prefault().is_some());
         }
         assert!(AlignedBytes::zeroed(4096).prefault().is_none(), "small buffers come from the allocator");
+    }
+
+    #[test]
+    fn truncate_keeps_the_prefix_and_gives_the_rest_back() {
+        // A mapping: the kept bytes stay where they are, the whole pages after them leave memory.
+        let mut buf = AlignedBytes::zeroed(4 * HUGE_PAGE);
+        buf.as_mut_slice().iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        let at = buf.as_slice().as_ptr();
+        let keep = HUGE_PAGE + 100;
+        buf.truncate(keep);
+        assert_eq!((buf.len(), buf.as_slice().as_ptr()), (keep, at));
+        assert!(buf.as_slice().iter().enumerate().all(|(i, &b)| b == i as u8));
+        #[cfg(target_os = "linux")]
+        {
+            // mincore: one byte per 4 KiB page, low bit set when resident.
+            let first = (at as usize + keep).next_multiple_of(4096);
+            let end = at as usize + 4 * HUGE_PAGE;
+            let mut resident = vec![0u8; (end - first) / 4096];
+            // SAFETY: `first..end` lies inside the buffer's mapping (still mapped: `buf` lives),
+            // page aligned; `resident` has one byte per page.
+            let rc = unsafe { libc::mincore(first as *mut libc::c_void, end - first, resident.as_mut_ptr()) };
+            assert_eq!(rc, 0);
+            assert!(resident.iter().all(|&r| r & 1 == 0), "pages past the new end are released");
+        }
+        buf.truncate(keep + 1);
+        assert_eq!(buf.len(), keep, "truncate never grows");
+
+        // A heap buffer: shrunk by the allocator, contents kept, still aligned.
+        let mut small = AlignedFloats::zeroed(1000);
+        small.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+        small.truncate(10);
+        assert_eq!(&small[..], &(0..10).map(|i| i as f32).collect::<Vec<_>>()[..]);
+        assert_eq!(small.as_ptr() as usize % SEGMENT_ALIGN, 0);
+        small.truncate(0);
+        assert!(small.is_empty());
     }
 
     #[test]
