@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+use quiver_node_agent::failpoints;
 use quiver_proto::control::{JobState, MemberRole};
 use quiver_tests::agents::{LocalCluster, poll};
 use serde::Serialize;
@@ -49,10 +50,13 @@ pub enum Drill {
     /// Control-plane writes; the raft-log fsync fails on a follower (failpoint), which stops;
     /// restart it from disk.
     FsyncFailFollower,
+    /// A job whose master cannot write its checkpoints (failpoint `job::checkpoint`); SIGKILL a
+    /// worker past the first checkpoint's superstep: the job starts over, from no checkpoint.
+    CheckpointFailJob,
 }
 
 impl Drill {
-    pub const ALL: [Drill; 12] = [
+    pub const ALL: [Drill; 13] = [
         Drill::LeaderKill,
         Drill::LeaderKillJob,
         Drill::WorkerKillJob,
@@ -65,6 +69,7 @@ impl Drill {
         Drill::FullRestart,
         Drill::TwoNodesLost,
         Drill::FsyncFailFollower,
+        Drill::CheckpointFailJob,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +86,7 @@ impl Drill {
             Drill::FullRestart => "full-restart",
             Drill::TwoNodesLost => "two-nodes-lost",
             Drill::FsyncFailFollower => "fsync-fail-follower",
+            Drill::CheckpointFailJob => "checkpoint-fail-job",
         }
     }
 
@@ -98,6 +104,7 @@ impl Drill {
                 | Drill::LossyLinksJob
                 | Drill::RollingRestartJob
                 | Drill::TwoNodesLost
+                | Drill::CheckpointFailJob
         )
     }
 
@@ -525,23 +532,33 @@ impl Ctx {
         if let Some(input) = job_input {
             // Submitted to a follower that survives every drill's fault: it holds the graph.
             let via = self.follower(leader, &[]);
+            if drill == Drill::CheckpointFailJob {
+                // The master (the node the job is submitted to) fails every checkpoint's write.
+                self.failpoint(via, failpoints::JOB_CHECKPOINT, "return")?;
+            }
             let j = self.submit_job(input, via)?;
             match drill {
                 Drill::LossyLinksJob => {}
                 // Past the first checkpoint (every 20 supersteps), which the second holder resumes from.
                 // With its second holder recorded (the copy runs beside the job).
                 Drill::HolderKillJob => self.job_mid_run(&j, 25 + self.seed % 10, 2)?,
+                // Past the first checkpoint's superstep, whose write failed.
+                Drill::CheckpointFailJob => self.job_mid_run(&j, 25 + self.seed % 10, 1)?,
                 _ => self.job_mid_run(&j, 2 + self.seed % 3, 1)?,
             }
             job = Some((j, via));
         }
         let fault_at;
         match drill {
-            Drill::LeaderKill | Drill::LeaderKillJob | Drill::WorkerKillJob | Drill::HolderKillJob => {
+            Drill::LeaderKill
+            | Drill::LeaderKillJob
+            | Drill::WorkerKillJob
+            | Drill::HolderKillJob
+            | Drill::CheckpointFailJob => {
                 let via = job.as_ref().map_or(leader, |(_, v)| *v);
                 let victim = match drill {
                     // A follower that owns partitions but is not the job's holder.
-                    Drill::WorkerKillJob => self.follower(leader, &[via]),
+                    Drill::WorkerKillJob | Drill::CheckpointFailJob => self.follower(leader, &[via]),
                     // The node the job was submitted to: its first holder and master.
                     Drill::HolderKillJob => via,
                     _ => leader,
@@ -551,6 +568,9 @@ impl Ctx {
                 self.serving(&writer, fault_at)?;
                 if let Some((j, _)) = &job {
                     self.job_verdict(j, fault_at);
+                }
+                if let (Drill::CheckpointFailJob, Some((j, _))) = (drill, &job) {
+                    self.started_over_without_checkpoint(via, j.id);
                 }
                 self.restart(victim)?;
             }
@@ -631,18 +651,8 @@ impl Ctx {
             }
             Drill::FsyncFailFollower => {
                 let f = self.follower(leader, &[]);
-                match self.c.agents[f].http_get("/chaos/failpoints") {
-                    Ok((200, _)) => {}
-                    other => bail!(
-                        "this quiver was built without the `failpoints` feature (GET /chaos/failpoints: {other:?}); \
-                         build with `cargo build --release -p quiver --features failpoints` (`cargo xtask chaos` does)"
-                    ),
-                }
                 fault_at = Instant::now();
-                match self.c.agents[f].http("PUT", "/chaos/failpoints/raft::persist::before", "return") {
-                    Ok((200, _)) => {}
-                    other => bail!("PUT failpoint: {other:?}"),
-                }
+                self.failpoint(f, failpoints::RAFT_PERSIST_BEFORE, "return")?;
                 let agent = &mut self.c.agents[f];
                 poll("the follower to stop after its fsync failed", Duration::from_secs(20), || {
                     if agent.is_running() { Err("still running".into()) } else { Ok(()) }
@@ -666,6 +676,45 @@ impl Ctx {
         writer.wait_acks(writer.acked() + 3, READY).context("writes after recovery")?;
         let log = writer.stop();
         self.finish(log, job.map(|(j, _)| j.id))
+    }
+
+    /// Configures failpoint `name` with `action` on node `i`, or says how to build a `quiver`
+    /// that has failpoints.
+    fn failpoint(&self, i: usize, name: &str, action: &str) -> Result<()> {
+        match self.c.agents[i].http_get("/chaos/failpoints") {
+            Ok((200, _)) => {}
+            other => bail!(
+                "this quiver was built without the `failpoints` feature (GET /chaos/failpoints: {other:?}); \
+                 build with `cargo build --release -p quiver --features failpoints` (`cargo xtask chaos` does)"
+            ),
+        }
+        match self.c.agents[i].http("PUT", &format!("/chaos/failpoints/{name}"), action) {
+            Ok((200, _)) => Ok(()),
+            other => bail!("PUT failpoint {name}={action} on {}: {other:?}", self.c.agents[i].name),
+        }
+    }
+
+    /// The checks of [`Drill::CheckpointFailJob`], from the master's log: its checkpoint writes
+    /// failed, and the epoch after the worker's loss was mastered from no checkpoint (a failed
+    /// write must never be resumed from).
+    fn started_over_without_checkpoint(&mut self, master: usize, job: u64) {
+        let log = std::fs::read_to_string(&self.c.agents[master].log).unwrap_or_default();
+        let tag = format!("job={job} ");
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(&tag)).collect();
+        let failed = lines.iter().filter(|l| l.contains("checkpoint not written")).count();
+        self.checks.push(Check::new(
+            "checkpoint_writes_failed",
+            failed > 0,
+            format!("{}'s log: {failed} checkpoint writes of job {job} failed", self.c.agents[master].name),
+        ));
+        let later: Vec<&str> =
+            lines.iter().copied().filter(|l| l.contains("mastering job") && !l.contains("epoch=1 ")).collect();
+        let from_start = !later.is_empty() && later.iter().all(|l| !l.contains("resume_from"));
+        self.checks.push(Check::new(
+            "later_epochs_start_over",
+            from_start,
+            format!("{}'s later epochs: {later:?}", self.c.agents[master].name),
+        ));
     }
 
     /// Records fault → first acknowledgement of a write issued after the fault.
