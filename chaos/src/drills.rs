@@ -53,10 +53,14 @@ pub enum Drill {
     /// A job whose master cannot write its checkpoints (failpoint `job::checkpoint`); SIGKILL a
     /// worker past the first checkpoint's superstep: the job starts over, from no checkpoint.
     CheckpointFailJob,
+    /// A job whose master cannot copy any file to another node (failpoint `job::transfer`), so
+    /// it stays the only holder; SIGKILL a worker past the first checkpoint: the job resumes from
+    /// the checkpoint the master kept on its own disk.
+    TransferFailJob,
 }
 
 impl Drill {
-    pub const ALL: [Drill; 13] = [
+    pub const ALL: [Drill; 14] = [
         Drill::LeaderKill,
         Drill::LeaderKillJob,
         Drill::WorkerKillJob,
@@ -70,6 +74,7 @@ impl Drill {
         Drill::TwoNodesLost,
         Drill::FsyncFailFollower,
         Drill::CheckpointFailJob,
+        Drill::TransferFailJob,
     ];
 
     pub fn name(self) -> &'static str {
@@ -87,6 +92,7 @@ impl Drill {
             Drill::TwoNodesLost => "two-nodes-lost",
             Drill::FsyncFailFollower => "fsync-fail-follower",
             Drill::CheckpointFailJob => "checkpoint-fail-job",
+            Drill::TransferFailJob => "transfer-fail-job",
         }
     }
 
@@ -105,6 +111,7 @@ impl Drill {
                 | Drill::RollingRestartJob
                 | Drill::TwoNodesLost
                 | Drill::CheckpointFailJob
+                | Drill::TransferFailJob
         )
     }
 
@@ -532,9 +539,12 @@ impl Ctx {
         if let Some(input) = job_input {
             // Submitted to a follower that survives every drill's fault: it holds the graph.
             let via = self.follower(leader, &[]);
-            if drill == Drill::CheckpointFailJob {
+            match drill {
                 // The master (the node the job is submitted to) fails every checkpoint's write.
-                self.failpoint(via, failpoints::JOB_CHECKPOINT, "return")?;
+                Drill::CheckpointFailJob => self.failpoint(via, failpoints::JOB_CHECKPOINT, "return")?,
+                // The master fails every copy to another node: the graph's, the checkpoints'.
+                Drill::TransferFailJob => self.failpoint(via, failpoints::JOB_TRANSFER, "return")?,
+                _ => {}
             }
             let j = self.submit_job(input, via)?;
             match drill {
@@ -542,8 +552,8 @@ impl Ctx {
                 // Past the first checkpoint (every 20 supersteps), which the second holder resumes from.
                 // With its second holder recorded (the copy runs beside the job).
                 Drill::HolderKillJob => self.job_mid_run(&j, 25 + self.seed % 10, 2)?,
-                // Past the first checkpoint's superstep, whose write failed.
-                Drill::CheckpointFailJob => self.job_mid_run(&j, 25 + self.seed % 10, 1)?,
+                // Past the first checkpoint's superstep, whose write (or copy) failed.
+                Drill::CheckpointFailJob | Drill::TransferFailJob => self.job_mid_run(&j, 25 + self.seed % 10, 1)?,
                 _ => self.job_mid_run(&j, 2 + self.seed % 3, 1)?,
             }
             job = Some((j, via));
@@ -554,11 +564,14 @@ impl Ctx {
             | Drill::LeaderKillJob
             | Drill::WorkerKillJob
             | Drill::HolderKillJob
-            | Drill::CheckpointFailJob => {
+            | Drill::CheckpointFailJob
+            | Drill::TransferFailJob => {
                 let via = job.as_ref().map_or(leader, |(_, v)| *v);
                 let victim = match drill {
                     // A follower that owns partitions but is not the job's holder.
-                    Drill::WorkerKillJob | Drill::CheckpointFailJob => self.follower(leader, &[via]),
+                    Drill::WorkerKillJob | Drill::CheckpointFailJob | Drill::TransferFailJob => {
+                        self.follower(leader, &[via])
+                    }
                     // The node the job was submitted to: its first holder and master.
                     Drill::HolderKillJob => via,
                     _ => leader,
@@ -569,8 +582,8 @@ impl Ctx {
                 if let Some((j, _)) = &job {
                     self.job_verdict(j, fault_at);
                 }
-                if let (Drill::CheckpointFailJob, Some((j, _))) = (drill, &job) {
-                    self.started_over_without_checkpoint(via, j.id);
+                if let Some((j, _)) = &job {
+                    self.failpoint_verdicts(drill, via, j.id);
                 }
                 self.restart(victim)?;
             }
@@ -694,27 +707,54 @@ impl Ctx {
         }
     }
 
-    /// The checks of [`Drill::CheckpointFailJob`], from the master's log: its checkpoint writes
-    /// failed, and the epoch after the worker's loss was mastered from no checkpoint (a failed
-    /// write must never be resumed from).
-    fn started_over_without_checkpoint(&mut self, master: usize, job: u64) {
+    /// The checks of the failpoint drills, from the master's log and the job's record.
+    /// [`Drill::CheckpointFailJob`]: the job's checkpoint writes failed, and every epoch after
+    /// the worker's loss was mastered from no checkpoint (a failed write is never resumed from).
+    /// [`Drill::TransferFailJob`]: copies to other nodes failed, the master stayed the job's only
+    /// holder, and the later epochs resumed from its own checkpoint.
+    fn failpoint_verdicts(&mut self, drill: Drill, master: usize, job: u64) {
+        let name = self.c.agents[master].name.clone();
         let log = std::fs::read_to_string(&self.c.agents[master].log).unwrap_or_default();
         let tag = format!("job={job} ");
         let lines: Vec<&str> = log.lines().filter(|l| l.contains(&tag)).collect();
-        let failed = lines.iter().filter(|l| l.contains("checkpoint not written")).count();
-        self.checks.push(Check::new(
-            "checkpoint_writes_failed",
-            failed > 0,
-            format!("{}'s log: {failed} checkpoint writes of job {job} failed", self.c.agents[master].name),
-        ));
         let later: Vec<&str> =
             lines.iter().copied().filter(|l| l.contains("mastering job") && !l.contains("epoch=1 ")).collect();
-        let from_start = !later.is_empty() && later.iter().all(|l| !l.contains("resume_from"));
-        self.checks.push(Check::new(
-            "later_epochs_start_over",
-            from_start,
-            format!("{}'s later epochs: {later:?}", self.c.agents[master].name),
-        ));
+        let resumed = |l: &&str| l.contains("resume_from");
+        match drill {
+            Drill::CheckpointFailJob => {
+                let failed = lines.iter().filter(|l| l.contains("checkpoint not written")).count();
+                self.checks.push(Check::new(
+                    "checkpoint_writes_failed",
+                    failed > 0,
+                    format!("{name}'s log: {failed} checkpoint writes of job {job} failed"),
+                ));
+                self.checks.push(Check::new(
+                    "later_epochs_start_over",
+                    !later.is_empty() && !later.iter().any(resumed),
+                    format!("{name}'s later epochs: {later:?}"),
+                ));
+            }
+            Drill::TransferFailJob => {
+                let failed = log.lines().filter(|l| l.contains(failpoints::JOB_TRANSFER)).count();
+                self.checks.push(Check::new(
+                    "copies_failed",
+                    failed > 0,
+                    format!("{name}'s log: {failed} lines name a failed copy"),
+                ));
+                let holders = self.rt.block_on(async { client::job(&self.ch(master)?, job).await }).map(|j| j.holders);
+                self.checks.push(Check::new(
+                    "master_only_holder",
+                    holders.as_ref().is_ok_and(|h| h.len() == 1),
+                    format!("job {job}'s holders: {holders:?}"),
+                ));
+                self.checks.push(Check::new(
+                    "later_epochs_resume_from_checkpoint",
+                    !later.is_empty() && later.iter().all(resumed),
+                    format!("{name}'s later epochs: {later:?}"),
+                ));
+            }
+            _ => {}
+        }
     }
 
     /// Records fault → first acknowledgement of a write issued after the fault.
