@@ -581,8 +581,6 @@ impl Ctx {
                 self.serving(&writer, fault_at)?;
                 if let Some((j, _)) = &job {
                     self.job_verdict(j, fault_at);
-                }
-                if let Some((j, _)) = &job {
                     self.failpoint_verdicts(drill, via, j.id);
                 }
                 self.restart(victim)?;

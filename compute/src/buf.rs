@@ -59,6 +59,8 @@ unsafe impl Sync for AlignedBytes {}
 /// Buffers from this size up are mapped directly (see [`AlignedBytes::zeroed`]).
 const MAPPED_FROM: usize = HUGE_PAGE;
 const HUGE_PAGE: usize = 2 << 20;
+/// The base page: the unit the kernel backs, releases and reports residency in.
+const PAGE: usize = 4096;
 
 impl AlignedBytes {
     /// Allocates `len` zeroed bytes aligned to 64 bytes.
@@ -132,7 +134,6 @@ impl AlignedBytes {
         if self.mapping.is_some() {
             #[cfg(target_os = "linux")]
             {
-                const PAGE: usize = 4096;
                 let at = self.ptr.as_ptr() as usize;
                 let (start, end) = ((at + len).next_multiple_of(PAGE), (at + self.len).next_multiple_of(PAGE));
                 if end > start {
@@ -329,7 +330,7 @@ impl Prefault {
         let start = self.mapping.start.as_ptr() as usize;
         let mut at = 0;
         while at < self.len {
-            let n = Self::STEP.min(self.len - at).next_multiple_of(4096);
+            let n = Self::STEP.min(self.len - at).next_multiple_of(PAGE);
             // SAFETY: the range lies inside the mapping, which `self` keeps alive; populating
             // does not change the contents of any page, backed or not.
             let r = unsafe { libc::madvise((start + at) as *mut libc::c_void, n, libc::MADV_POPULATE_WRITE) };
@@ -638,9 +639,9 @@ mod tests {
         #[cfg(target_os = "linux")]
         {
             // mincore: one byte per 4 KiB page, low bit set when resident.
-            let first = (at as usize + keep).next_multiple_of(4096);
+            let first = (at as usize + keep).next_multiple_of(PAGE);
             let end = at as usize + 4 * HUGE_PAGE;
-            let mut resident = vec![0u8; (end - first) / 4096];
+            let mut resident = vec![0u8; (end - first) / PAGE];
             // SAFETY: `first..end` lies inside the buffer's mapping (still mapped: `buf` lives),
             // page aligned; `resident` has one byte per page.
             let rc = unsafe { libc::mincore(first as *mut libc::c_void, end - first, resident.as_mut_ptr()) };
