@@ -6,6 +6,7 @@ mod agent;
 mod bench;
 mod chaos;
 mod client;
+mod coalesce;
 mod config;
 mod demo;
 mod graph;

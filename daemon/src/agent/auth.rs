@@ -27,6 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tonic::{Request, Status};
 
 use super::View;
+use crate::coalesce::Coalesced;
 
 /// How long a gRPC client may take to finish its TLS handshake.
 const HANDSHAKE_WITHIN: Duration = Duration::from_secs(10);
@@ -87,11 +88,12 @@ fn server_config(dir: &Path) -> Result<rustls::ServerConfig> {
 }
 
 /// Accepts TCP connections and completes TLS handshakes concurrently (a slow client delays only
-/// itself); each handshake uses the configuration current when it started.
+/// itself); each handshake uses the configuration current when it started. Each stream's writes
+/// are [`Coalesced`]: one TLS record and one `writev` per HTTP/2 flush.
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<GrpcTls>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<TlsStream<TcpStream>>> {
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Coalesced<TlsStream<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -112,7 +114,7 @@ pub fn incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_WITHIN, acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
+                        let _ = tx.send(Ok(Coalesced::new(s))).await;
                     }
                     Ok(Err(e)) => {
                         metrics::counter!("quiver_grpc_auth_refused_total", "reason" => "tls").increment(1);

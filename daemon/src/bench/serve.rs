@@ -234,7 +234,7 @@ fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<ser
     let channels: Vec<Channel> = rt.block_on(async {
         let mut v = Vec::new();
         for _ in 0..args.connections {
-            v.push(bench_channel(conn).await?);
+            v.push(crate::client::connect(conn, None).await?);
         }
         Ok::<_, anyhow::Error>(v)
     })?;
@@ -334,34 +334,4 @@ fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<ser
         "p999_ms": ms(0.999),
         "max_ms": h.max() as f64 / 1000.0,
     }))
-}
-
-/// A TLS channel like the CLI's, with HTTP/2 windows sized for a stream of requests of tens of
-/// KiB (the 64 KiB defaults stall on WINDOW_UPDATE round trips).
-async fn bench_channel(conn: &Conn) -> Result<Channel> {
-    use quiver_node_agent::transport::tls::{CA_CERT_FILE, NODE_CERT_FILE, NODE_KEY_FILE};
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-
-    use crate::tls::{CLIENT_CERT_FILE, CLIENT_KEY_FILE, CLUSTER_SERVER_NAME};
-    let dir = conn.tls_dir.clone().context("--tls-dir is required with --addr")?;
-    let read = |f: &str| std::fs::read(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
-    let (cert, key) = if dir.join(CLIENT_CERT_FILE).exists() {
-        (read(CLIENT_CERT_FILE)?, read(CLIENT_KEY_FILE)?)
-    } else {
-        (read(NODE_CERT_FILE)?, read(NODE_KEY_FILE)?)
-    };
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(CA_CERT_FILE)?))
-        .identity(Identity::from_pem(cert, key))
-        .domain_name(CLUSTER_SERVER_NAME);
-    Channel::from_shared(format!("https://{}", conn.addr))
-        .with_context(|| format!("--addr {}: not a host:port address", conn.addr))?
-        .tls_config(tls)?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(1 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {}", conn.addr))
 }
