@@ -188,6 +188,28 @@ mod tests {
         assert_eq!(c.inner.data, big);
     }
 
+    /// The connector reaches IPv4 and (where the machine has it) IPv6 loopback listeners.
+    #[tokio::test]
+    async fn the_connector_reaches_v4_and_v6_loopback() {
+        use tower_service::Service as _;
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let Ok(listener) = tokio::net::TcpListener::bind(bind).await else {
+                assert!(bind.starts_with('['), "cannot bind {bind}");
+                continue;
+            };
+            let addr = listener.local_addr().unwrap();
+            let uri: tonic::codegen::http::Uri = format!("https://{addr}").parse().unwrap();
+            let (io, accepted) = tokio::join!(Connector.call(uri), listener.accept());
+            let mut io = io.unwrap().into_inner();
+            let (mut peer, _) = accepted.unwrap();
+            io.write_all(b"hello").await.unwrap();
+            io.flush().await.unwrap();
+            let mut got = [0u8; 5];
+            peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"hello", "{bind}");
+        }
+    }
+
     #[tokio::test]
     async fn reads_pass_through() {
         let (a, mut b) = tokio::io::duplex(64);
