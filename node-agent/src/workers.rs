@@ -18,7 +18,9 @@
 //!   is itself the only thread of a rayon pool (`use_current_thread`) and takes its tasks from a
 //!   channel: between tasks it sleeps at once, where a rayon worker would first spin through
 //!   rounds of `sched_yield` (8 % of a serving agent's CPU samples at 6,000 requests/s on the
-//!   Zen 3 VM).
+//!   Zen 3 VM). Such a thread runs rayon work only while a task waits on it (`join`, `scope`,
+//!   parallel iterators): a detached `rayon::spawn` from a solo task would never run, and none
+//!   is made (the kernels use `rayon::scope`).
 //! - [`Workers::load`] counts tasks submitted and not yet finished (an atomic): the serving path
 //!   uses it for admission and for power-of-two-choices between nodes.
 //!
