@@ -224,6 +224,21 @@ impl AlignedFloats {
     pub fn into_segment(self) -> Segment<f32> {
         Segment::from_aligned(self.0)
     }
+
+    /// The buffer behind `segment`, back as an owned buffer without a copy, when the segment is
+    /// all of a heap buffer and nothing else shares it any more; otherwise the segment unchanged.
+    pub fn reclaim(segment: Segment<f32>) -> Result<Self, Segment<f32>> {
+        let Segment { storage, offset, len, _t } = segment;
+        let back = |storage| Segment { storage, offset, len, _t: PhantomData };
+        if offset != 0 {
+            return Err(back(storage));
+        }
+        match Arc::try_unwrap(storage) {
+            Ok(Storage::Heap(buf)) if buf.len() == len * 4 => Ok(Self(buf)),
+            Ok(other) => Err(back(Arc::new(other))),
+            Err(shared) => Err(back(shared)),
+        }
+    }
 }
 
 impl Default for AlignedFloats {
@@ -576,6 +591,21 @@ fn headroom(limit: &str, usage: &str, stat: &str, inactive_key: &str) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A segment gives its buffer back only when it is all of it and nothing shares it.
+    #[test]
+    fn reclaim_takes_back_a_whole_unshared_buffer() {
+        let mut f = AlignedFloats::zeroed(1000);
+        f[7] = 3.5;
+        let seg = f.into_segment();
+        let part = seg.slice(1..1000);
+        let seg = AlignedFloats::reclaim(seg).unwrap_err();
+        assert!(AlignedFloats::reclaim(part).is_err(), "a slice is not the whole buffer");
+        let back = AlignedFloats::reclaim(seg).expect("whole and unshared");
+        assert_eq!((back.len(), back[7]), (1000, 3.5));
+        let copied = Segment::from_slice(&[1.0f32; 10]);
+        assert!(AlignedFloats::reclaim(copied).is_ok());
+    }
 
     #[test]
     fn memory_figures_parse() {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use quiver_compute::buf::AlignedFloats;
 use quiver_compute::kernels::superstep::{Globals, Kernel, Partials, PartitionState, PullScratch};
 use quiver_compute::kernels::{Appnp, Normalization};
 use quiver_compute::partition::LocalGraph;
@@ -401,6 +402,9 @@ where
     // The iterate just computed went into a checkpoint: its halos wait for the next Go, so the
     // exchange does not overlap the snapshot's transfer to the master (memory at the master).
     let mut deferred = false;
+    // The buffer of the last snapshot, taken back for the next step once the master is done with
+    // it (`PartitionState::reuse_next`).
+    let mut snapshot_buffer: Option<Segment<f32>> = None;
     loop {
         let t = Instant::now();
         let exchanged = if last || deferred {
@@ -468,6 +472,13 @@ where
                     };
                     exchange_seconds += t.elapsed().as_secs_f64();
                 }
+                // The master has the last snapshot stored or sent by now, as a rule; if anything
+                // still shares its buffer, the step allocates as before.
+                if let Some(seg) = snapshot_buffer.take()
+                    && let Ok(buf) = AlignedFloats::reclaim(seg)
+                {
+                    state.reuse_next(buf);
+                }
                 let (k, pt, t) = (kernel.clone(), part.clone(), Instant::now());
                 let (next, partials, snapshot) = workers
                     .run(numa, move || {
@@ -490,6 +501,7 @@ where
                 tx.send((p, ToMaster::Partials { step, partials, compute_seconds: secs }))
                     .map_err(|_| "master gone".to_string())?;
                 if let Some(snapshot) = snapshot {
+                    snapshot_buffer = Some(snapshot.values.clone());
                     tx.send((p, ToMaster::Snapshot { step, snapshot })).map_err(|_| "master gone".to_string())?;
                 }
             }
