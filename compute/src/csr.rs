@@ -489,7 +489,7 @@ const SMALL_EDGES: usize = 1 << 14;
 /// one stable counting sort by target, then [`merge_row`] on each row, then the out-degrees,
 /// all on the calling thread in exact-size buffers. The parallel [`sort_by_target`] is stable
 /// too and merges rows with the same function, so both produce the same graph to the bit
-/// (`small_and_parallel_builds_agree`); this one skips its chunk histograms, regions and
+/// (the proptest `build_matches_reference` builds every case both ways); this one skips its chunk histograms, regions and
 /// rayon splits, which cost more than the sort itself on a few hundred edges.
 fn build_small(n: usize, edges: Edges<'_>, self_loops: SelfLoops) -> Csr {
     let keep = |u: u32, v: u32| self_loops == SelfLoops::Keep || u != v;

@@ -68,7 +68,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         if want > 0 && self.buf.len() >= CAPACITY {
             ready!(self.poll_drain(cx))?;
         }
-        Poll::Ready(Ok(want.min(CAPACITY.saturating_sub(self.buf.len()).max(1))))
+        Poll::Ready(Ok(want.min(CAPACITY.saturating_sub(self.buf.len()))))
     }
 }
 

@@ -269,7 +269,8 @@ impl Workers {
         numa: usize,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, WorkerError> {
-        self.spawn_on(&self.inner.pools[numa % self.inner.pools.len()], f).await
+        let pool = &self.inner.pools[numa % self.inner.pools.len()];
+        self.spawn_with(|task| pool.spawn(task), f).await
     }
 
     /// Like [`Workers::run`] for a task too small to split: runs `f` alone on the single-thread
@@ -283,14 +284,6 @@ impl Workers {
         // A send fails only if the thread is gone; the task is then dropped with its result
         // channel, which reads as `Lost`.
         self.spawn_with(|task| drop(queue.send(task)), f).await
-    }
-
-    async fn spawn_on<R: Send + 'static>(
-        &self,
-        pool: &ThreadPool,
-        f: impl FnOnce() -> R + Send + 'static,
-    ) -> Result<R, WorkerError> {
-        self.spawn_with(|task| pool.spawn(task), f).await
     }
 
     /// Hands `f`, wrapped to catch its panic and send its result, to `submit`; awaits the result.
