@@ -3,7 +3,7 @@
 //! job's first checkpoint (not on the submit's path) and the new holder is recorded in Raft once
 //! its copy is stored; checkpoints go to every holder recorded when they are taken.
 //!
-//! A copy travels on a `STREAM_KIND_REPLICA` stream as zero-copy frames of consecutive 8 MiB
+//! A copy travels on a `STREAM_KIND_REPLICA` stream as zero-copy frames of consecutive 2 MiB
 //! pieces (`ReplicaMeta`: the file's place under the receiver's data directory, its SHA-256,
 //! the piece's offset and the file's length; one segment: the piece), so neither end holds the
 //! file in memory. The receiver checks the name, appends each piece in order to `NAME.N.part`
@@ -62,8 +62,10 @@ fn check_name(name: &str) -> Result<(), String> {
     }
 }
 
-/// Bytes per frame of a copy: a file travels in pieces, so neither end holds it in memory.
-const PIECE_BYTES: u64 = 8 << 20;
+/// Bytes per frame of a copy: a file travels in pieces, so neither end holds it in memory
+/// (2 MiB: a piece stays alive until the receiver acknowledges its last byte, so the sender
+/// holds about two, next to the stream's 4 MiB window).
+const PIECE_BYTES: u64 = 2 << 20;
 
 /// Largest file a peer may send (a sanity bound on `ReplicaMeta.total`).
 const MAX_REPLICA_BYTES: u64 = 1 << 40;
@@ -151,6 +153,20 @@ pub async fn second_holder(shared: &Shared, job: u64, files: &JobFiles) {
     }
 }
 
+/// How long a probed node has to echo a heartbeat while a copy to it runs: generous, since the
+/// node is busy receiving (a killed node never answers, so this only delays the second offer).
+const COPY_PROBE_WITHIN: Duration = Duration::from_millis(500);
+
+/// Whether `node` echoes a heartbeat, asked after `after`.
+async fn answers_after(shared: &Shared, node: u64, after: Duration) -> bool {
+    tokio::time::sleep(after).await;
+    let probe = async {
+        let conn = shared.transport.connection(NodeId(node)).await.ok()?;
+        conn.heartbeat().await.ok()?.ping().await.ok()
+    };
+    matches!(tokio::time::timeout(COPY_PROBE_WITHIN, probe).await, Ok(Some(_)))
+}
+
 async fn copy_graph(shared: &Shared, path: &Path, digest: &[u8; 32]) -> Option<u64> {
     let me = shared.node_id;
     let others: Vec<u64> = {
@@ -166,8 +182,10 @@ async fn copy_graph(shared: &Shared, path: &Path, digest: &[u8; 32]) -> Option<u
         return None;
     }
     // Spread the copies over the cluster by graph. A node killed a moment ago still looks alive
-    // for about a second, so when the first choice has not answered within a short stagger (or
-    // refuses), a second node is offered the copy too and the first to store it is the holder.
+    // for about a second, so while the first choice copies, it is probed every `stagger`: once it
+    // stops answering (or refuses), a second node is offered the copy too and the first to store
+    // it is the holder. A node that answers keeps the copy to itself: two copies of the graph at
+    // once would double the traffic and the pieces the sender holds, while the job runs.
     let name = graph_name(digest);
     let first = usize::from(digest[0]) % others.len();
     let a = others[first];
@@ -176,14 +194,17 @@ async fn copy_graph(shared: &Shared, path: &Path, digest: &[u8; 32]) -> Option<u
     let stagger = Duration::from_millis(200) + Duration::from_secs_f64(size as f64 / 1e9);
     let to_a = push(shared, a, &name, path);
     tokio::pin!(to_a);
-    let early = tokio::select! {
-        r = &mut to_a => Some(r),
-        () = tokio::time::sleep(stagger) => None,
-    };
-    let failed_a = match early {
-        Some(Ok(())) => return Some(a),
-        Some(Err(e)) => Some(e),
-        None => None,
+    let failed_a = loop {
+        tokio::select! {
+            r = &mut to_a => match r {
+                Ok(()) => return Some(a),
+                Err(e) => break Some(e),
+            },
+            alive = answers_after(shared, a, stagger) => if !alive {
+                tracing::info!(node = a, "the graph's copy goes to a second node too: the first stopped answering");
+                break None;
+            },
+        }
     };
     let Some(b) = b else {
         let r = match failed_a {
