@@ -341,6 +341,7 @@ pub async fn run_master(
         })
         .collect();
     let shipped = needs.iter().filter(|&&n| n).count();
+    let asked_seconds = started.elapsed().as_secs_f64();
     let parts = if shipped > 0 {
         let (g, at) = (job.graph.clone(), bounds.clone());
         let cut = rt.workers().run(0, move || quiver_compute::partition::partition_at(&g, at)).await;
@@ -406,11 +407,12 @@ pub async fn run_master(
     tracing::info!(
         job = job.key.job,
         epoch = job.key.epoch,
+        asked_seconds,
         cut_seconds,
         shipped,
         init_seconds,
         ready_seconds = started.elapsed().as_secs_f64(),
-        "every owner holds its partition (shipped: partitions cut and sent, the others were kept from an earlier job; init: the slowest owner's state and kernel set-up)"
+        "every owner holds its partition (asked: every owner answered whether it holds its partition; cut: that and the cut; shipped: partitions cut and sent, the others were kept from an earlier job; init: the slowest owner's state and kernel set-up)"
     );
     let mut since_checkpoint = 0f64;
     let (steps_started, mut slowest_sum) = (Instant::now(), 0f64);
