@@ -159,9 +159,14 @@ pub fn parse_cpu_list(text: &str) -> Result<Vec<usize>, String> {
 /// This process's CPU affinity mask (`Cpus_allowed_list` of `/proc/self/status`, the main
 /// thread's), or `None` when unknown.
 fn process_affinity() -> Option<BTreeSet<usize>> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    allowed_cpus("/proc/self/status").map(|v| v.into_iter().collect())
+}
+
+/// The `Cpus_allowed_list` of a `/proc/…/status` file, or `None` when unknown.
+fn allowed_cpus(status_file: &str) -> Option<Vec<usize>> {
+    let status = std::fs::read_to_string(status_file).ok()?;
     let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
-    parse_cpu_list(list).ok().map(|v| v.into_iter().collect())
+    parse_cpu_list(list).ok()
 }
 
 /// Why a task on the workers produced no result.
@@ -439,13 +444,12 @@ mod tests {
         let topology = Topology::from_os();
         let w = Workers::new(&topology, None).unwrap();
         assert_eq!(w.threads(), topology.cpus());
-        let read_back = |pool: &ThreadPool| -> Vec<(String, Vec<usize>)> {
-            pool.broadcast(|_| {
-                let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-                let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap();
-                (std::thread::current().name().unwrap().to_string(), parse_cpu_list(list).unwrap())
-            })
+        // The calling thread's name and the CPUs the OS lets it run on.
+        let this_thread = || {
+            let cpus = allowed_cpus("/proc/thread-self/status").unwrap();
+            (std::thread::current().name().unwrap().to_string(), cpus)
         };
+        let read_back = |pool: &ThreadPool| -> Vec<(String, Vec<usize>)> { pool.broadcast(|_| this_thread()) };
         let mut seen = Vec::new();
         for (p, pool) in w.inner.pools.iter().enumerate() {
             for (i, (name, cpus)) in read_back(pool).into_iter().enumerate() {
@@ -457,13 +461,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         assert_eq!(w.inner.solo.len(), all_cpus.len());
         for (i, &cpu) in all_cpus.iter().enumerate() {
-            let (name, cpus) = rt
-                .block_on(w.run_solo(i, || {
-                    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-                    let list = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap();
-                    (std::thread::current().name().unwrap().to_string(), parse_cpu_list(list).unwrap())
-                }))
-                .unwrap();
+            let (name, cpus) = rt.block_on(w.run_solo(i, this_thread)).unwrap();
             assert_eq!((name.as_str(), cpus), (format!("quiver-worker-solo-{i}").as_str(), vec![cpu]));
         }
         let mut expected: Vec<String> = (0..w.threads()).map(|i| format!("quiver-worker-{i}")).collect();

@@ -160,11 +160,8 @@ const COPY_PROBE_WITHIN: Duration = Duration::from_millis(500);
 /// Whether `node` echoes a heartbeat, asked after `after`.
 async fn answers_after(shared: &Shared, node: u64, after: Duration) -> bool {
     tokio::time::sleep(after).await;
-    let probe = async {
-        let conn = shared.transport.connection(NodeId(node)).await.ok()?;
-        conn.heartbeat().await.ok()?.ping().await.ok()
-    };
-    matches!(tokio::time::timeout(COPY_PROBE_WITHIN, probe).await, Ok(Some(_)))
+    let probe = async { shared.transport.connection(NodeId(node)).await?.ping_once().await };
+    matches!(tokio::time::timeout(COPY_PROBE_WITHIN, probe).await, Ok(Ok(_)))
 }
 
 async fn copy_graph(shared: &Shared, path: &Path, digest: &[u8; 32]) -> Option<u64> {

@@ -181,6 +181,12 @@ impl PeerConnection {
         Ok(Heartbeater { send, recv, seq: 0, origin: Instant::now() })
     }
 
+    /// One heartbeat round trip on a fresh heartbeat stream: whether the peer's transport answers
+    /// (callers bound it with a timeout); returns the round-trip time.
+    pub async fn ping_once(&self) -> Result<Duration, TransportError> {
+        Ok(self.heartbeat().await?.ping().await?)
+    }
+
     /// Closes the connection with `code`.
     pub fn close(&self, code: ErrorCode, reason: &str) {
         self.conn.close(code.into(), reason.as_bytes());
@@ -509,7 +515,7 @@ async fn connect(inner: &Arc<Inner>, peer: NodeId, addr: SocketAddr) -> Result<P
     // certificate; one heartbeat round trip confirms the server accepted us before anyone uses it.
     let confirm = async {
         let probe = PeerConnection::new(peer, inner.node_id, conn.clone(), inner.config.clone());
-        probe.heartbeat().await?.ping().await.map_err(TransportError::from)
+        probe.ping_once().await
     };
     match tokio::time::timeout(inner.config.handshake_timeout, confirm).await {
         Ok(Ok(_)) => {}
@@ -616,8 +622,7 @@ async fn install(inner: &Arc<Inner>, conn: quinn::Connection, peer: NodeId, init
 /// Whether `pc` echoes a heartbeat within the probe timeout (at least 4 RTTs).
 async fn answers_probe(inner: &Inner, pc: &PeerConnection) -> bool {
     let within = inner.config.liveness_probe_timeout.max(pc.rtt() * 4);
-    let probe = async { pc.heartbeat().await?.ping().await.map_err(TransportError::from) };
-    matches!(tokio::time::timeout(within, probe).await, Ok(Ok(_)))
+    matches!(tokio::time::timeout(within, pc.ping_once()).await, Ok(Ok(_)))
 }
 
 async fn accept_loop(inner: Arc<Inner>) {
