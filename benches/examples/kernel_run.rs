@@ -6,11 +6,15 @@
 //! work the best step is the closest estimate of the unloaded time.
 //!
 //! ```text
-//! cargo run --release -p quiver-benches --example kernel_run -- <pagerank|appnp> [scale] [threads] [iterations] [dim] [graph500|degree]
-//!
-//! The last argument picks the vertex order: Graph500's random permutation (default) or the same
-//! graph relabelled by descending degree (`generate::reorder::by_degree`).
+//! cargo run --release -p quiver-benches --example kernel_run -- <pagerank|appnp> [scale] [threads] [iterations] [dim] [graph500|degree|renamed|renamed-x0]
 //! ```
+//!
+//! The last argument picks the vertex order of the timed steps: Graph500's random permutation
+//! (default); the same graph relabelled by descending out-degree with every list re-sorted
+//! (`generate::reorder::by_degree`); or renamed as `kernels::run` renames a large APPNP
+//! (`LocalGraph::by_out_degree`, lists in their CSR order), with the input features read in
+//! vertex order through the renaming as `kernels::run` reads them (`renamed-x0`) or, to time
+//! the step without that read, row by row (`renamed`).
 
 use std::time::Instant;
 
@@ -82,7 +86,13 @@ fn main() {
         let out_iterations = out.iterations;
         let rss = peak_rss_bytes();
         drop(out);
-        let lg = LocalGraph::whole(&g);
+        let (lg, renaming) = if order == "renamed" || order == "renamed-x0" {
+            let (lg, r) = LocalGraph::by_out_degree(&g);
+            (lg, Some(r))
+        } else {
+            (LocalGraph::whole(&g), None)
+        };
+        let rows = renaming.as_ref().filter(|_| order == "renamed-x0").map(|r| &r.order[..]);
         let (best, median, cpu) = match algo.as_str() {
             "pagerank" => {
                 let k = PageRank { damping: 0.85, teleport: Teleport::Uniform { vertices: g.vertices() as u64 } };
@@ -90,7 +100,7 @@ fn main() {
             }
             _ => {
                 let features = generate::features(g.vertices(), dim, 7);
-                let k = Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0, rows: None };
+                let k = Appnp { alpha: 0.1, normalization: Normalization::Symmetric, features: &features, dim, base: 0, rows };
                 time_steps(&k, &lg, iterations)
             }
         };
