@@ -10,6 +10,38 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// CPU time (user + system) that process `pid` (this one when `None`) has used, in seconds, from
+/// `/proc/PID/stat`; `None` where that file cannot be read.
+pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = pid.map_or_else(|| "/proc/self/stat".to_owned(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces, so split after its closing ')'):
+    // state is the first, utime the 12th, stime the 13th.
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let utime: f64 = fields.next()?.parse().ok()?;
+    let stime: f64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) / clock_ticks())
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 { hz as f64 } else { 100.0 }
+}
+
+/// The machine's CPU time so far by kind, from the first line of `/proc/stat`, in seconds summed
+/// over CPUs: `(all, idle, steal)`. Steal is time the hypervisor gave this VM's CPUs to others.
+pub fn host_cpu_seconds() -> Option<(f64, f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<f64> = line.split_whitespace().map_while(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal [guest guest_nice, already in user/nice]
+    let all: f64 = v.iter().take(8).sum();
+    let (idle, steal) = (v.get(3)? + v.get(4).copied().unwrap_or(0.0), v.get(7).copied().unwrap_or(0.0));
+    let hz = clock_ticks();
+    Some((all / hz, idle / hz, steal / hz))
+}
+
 /// A spinner with a message on a terminal; plain lines on stderr otherwise (logs, CI, pipes).
 pub struct Progress {
     bar: Option<indicatif::ProgressBar>,

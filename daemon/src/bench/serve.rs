@@ -196,7 +196,8 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .thread_name("quiver-bench-serve")
         .build()?;
-    let report = match measure(&rt, &conn, &args) {
+    let agent_pid = local.as_ref().and_then(|c| c.agents[0].pid());
+    let report = match measure(&rt, &conn, &args, agent_pid) {
         Ok(r) => r,
         Err(e) => match &local {
             Some(c) => bail!("{e:#}\n{}", c.logs()),
@@ -230,7 +231,50 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<serde_json::Value> {
+/// CPU use over the measured run: this generator's, the local agent's and the machine's.
+struct CpuMark {
+    client: Option<f64>,
+    agent: Option<f64>,
+    host: Option<(f64, f64, f64)>,
+}
+
+impl CpuMark {
+    fn now(agent_pid: Option<u32>) -> Self {
+        CpuMark {
+            client: crate::sys::cpu_seconds(None),
+            agent: agent_pid.and_then(|p| crate::sys::cpu_seconds(Some(p))),
+            host: crate::sys::host_cpu_seconds(),
+        }
+    }
+
+    /// The report's CPU fields for `requests` answered since `start` (absent where unknown):
+    /// microseconds of CPU per request for the generator and the agent, and the machine's idle
+    /// and stolen shares of its CPU time, which say how busy the host was during the run.
+    fn report(&self, start: &CpuMark, requests: u64) -> serde_json::Map<String, serde_json::Value> {
+        let per_request =
+            |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| (a - b) * 1e6 / requests.max(1) as f64);
+        let mut m = serde_json::Map::new();
+        if let Some(us) = per_request(self.client, start.client) {
+            m.insert("client_cpu_us_per_request".into(), json!(us));
+        }
+        if let Some(us) = per_request(self.agent, start.agent) {
+            m.insert("agent_cpu_us_per_request".into(), json!(us));
+        }
+        if let Some(((all, idle, steal), (all0, idle0, steal0))) = self.host.zip(start.host) {
+            let all = (all - all0).max(1e-9);
+            m.insert("host_idle_share".into(), json!((idle - idle0) / all));
+            m.insert("host_steal_share".into(), json!((steal - steal0) / all));
+        }
+        m
+    }
+}
+
+fn measure(
+    rt: &tokio::runtime::Runtime,
+    conn: &Conn,
+    args: &Args,
+    agent_pid: Option<u32>,
+) -> Result<serde_json::Value> {
     let channels: Vec<Channel> = rt.block_on(async {
         let mut v = Vec::new();
         for _ in 0..args.connections {
@@ -258,6 +302,7 @@ fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<ser
     let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let start = Instant::now() + Duration::from_millis(20);
     let mut last_done = start;
+    let cpu_start = CpuMark::now(agent_pid);
     let handle = rt.handle().clone();
     for i in 0..total {
         let due = start + interval.mul_f64(i as f64);
@@ -306,12 +351,13 @@ fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<ser
         }
         Ok(())
     })?;
+    let cpu = CpuMark::now(agent_pid).report(&cpu_start, total);
     let h = histogram.lock().expect("histogram lock");
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let duration = last_done.duration_since(start).as_secs_f64();
     let ok = tally.ok.load(Ordering::Relaxed);
     let (n, m, iterations) = args.graph_size.shape();
-    Ok(json!({
+    let mut report = json!({
         "graph_size": format!("{:?}", args.graph_size).to_lowercase(),
         "vertices": n,
         "edges": m,
@@ -333,5 +379,9 @@ fn measure(rt: &tokio::runtime::Runtime, conn: &Conn, args: &Args) -> Result<ser
         "p99_ms": ms(0.99),
         "p999_ms": ms(0.999),
         "max_ms": h.max() as f64 / 1000.0,
-    }))
+    });
+    if let Some(fields) = report.as_object_mut() {
+        fields.extend(cpu);
+    }
+    Ok(report)
 }
