@@ -38,6 +38,14 @@ macro_rules! pod {
 }
 pod!(u8 => "u8", u32 => "u32", u64 => "u64", f32 => "f32", f64 => "f64");
 
+/// The memory of `values` as bytes, in the host's byte order (little-endian on every host that
+/// reads and writes Quiver's files and frames).
+pub fn pod_bytes<T: Pod>(values: &[T]) -> &[u8] {
+    // SAFETY: a `Pod` value is initialised bytes without padding (the sealed impls are plain
+    // integers and floats); `u8` has no alignment needs, and the view borrows `values`.
+    unsafe { std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), size_of_val(values)) }
+}
+
 /// A heap allocation of bytes aligned to [`SEGMENT_ALIGN`], zero-initialised.
 ///
 /// The receive path of the transport copies QUIC chunks into one of these exactly once; the
@@ -381,8 +389,7 @@ impl Storage {
         match self {
             Storage::Heap(b) => b.as_slice(),
             Storage::Mapped(m) => m,
-            // SAFETY: any initialised f32 is 4 initialised bytes; u8 has no alignment needs.
-            Storage::Floats(v) => unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), size_of_val(&v[..])) },
+            Storage::Floats(v) => pod_bytes(v),
         }
     }
 }

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use prost::Message as _;
 use quiver_compute::CsrBuilder;
+use quiver_compute::buf::pod_bytes;
 use quiver_compute::kernels::{self, Algorithm, Normalization, Params, Stop};
 use quiver_coordinator::DetRng;
 use quiver_coordinator::state::Liveness;
@@ -103,6 +104,49 @@ pub struct Serving {
     peers: DashMap<u64, (u64, Instant)>,
     rng: Mutex<DetRng>,
     request_ids: AtomicU64,
+    metrics: ServeMetrics,
+}
+
+/// The per-request metrics, registered once: each `metrics::counter!` call looks its key up in
+/// the registry (hashing it, and copying its labels), several times per request.
+struct ServeMetrics {
+    /// `quiver_serve_requests_total` by outcome, in [`OUTCOMES`] order.
+    requests: [metrics::Counter; 4],
+    request_seconds: metrics::Histogram,
+    cache_hits: metrics::Counter,
+    cache_misses: metrics::Counter,
+    cache_entries: metrics::Gauge,
+    cache_bytes: metrics::Gauge,
+    queue_depth: metrics::Gauge,
+}
+
+/// The `outcome` label of `quiver_serve_requests_total`.
+const OUTCOMES: [&str; 4] = ["ok", "invalid", "rejected", "error"];
+
+impl ServeMetrics {
+    fn new() -> Self {
+        ServeMetrics {
+            requests: OUTCOMES.map(|o| metrics::counter!("quiver_serve_requests_total", "outcome" => o)),
+            request_seconds: metrics::histogram!("quiver_serve_request_seconds"),
+            cache_hits: metrics::counter!("quiver_serve_cache_hits_total"),
+            cache_misses: metrics::counter!("quiver_serve_cache_misses_total"),
+            cache_entries: metrics::gauge!("quiver_serve_cache_entries"),
+            cache_bytes: metrics::gauge!("quiver_serve_cache_bytes"),
+            queue_depth: metrics::gauge!("quiver_serve_queue_depth"),
+        }
+    }
+
+    /// Counts one answered request.
+    fn answered(&self, code: tonic::Code, seconds: f64) {
+        let outcome = match code {
+            tonic::Code::Ok => 0,
+            tonic::Code::InvalidArgument => 1,
+            tonic::Code::ResourceExhausted => 2,
+            _ => 3,
+        };
+        self.requests[outcome].increment(1);
+        self.request_seconds.record(seconds);
+    }
 }
 
 impl Serving {
@@ -116,7 +160,16 @@ impl Serving {
             peers: DashMap::new(),
             rng: Mutex::new(DetRng::new(node_id ^ 0x5e7e_d1ff_0000_0001)),
             request_ids: AtomicU64::new(1),
+            metrics: ServeMetrics::new(),
         }
+    }
+
+    /// Stores an answer in the result cache and publishes the cache's size.
+    fn store(&self, key: [u8; 32], answer: Arc<Answer>) {
+        let mut c = self.cache.lock().expect("cache lock");
+        c.insert(key, answer);
+        self.metrics.cache_entries.set(c.len() as f64);
+        self.metrics.cache_bytes.set(c.bytes() as f64);
     }
 
     /// This node's live load as peers see it: worker tasks in flight.
@@ -151,22 +204,9 @@ impl Diffusion for DiffusionSvc {
     async fn diffuse(&self, req: Request<DiffuseRequest>) -> Result<Response<DiffuseResponse>, Status> {
         let started = Instant::now();
         let result = diffuse(&self.shared, req.into_inner(), Origin::Client).await;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(s) => outcome_label(s.code()),
-        };
-        metrics::counter!("quiver_serve_requests_total", "outcome" => outcome).increment(1);
-        metrics::histogram!("quiver_serve_request_seconds").record(started.elapsed().as_secs_f64());
+        let code = result.as_ref().map_or_else(Status::code, |_| tonic::Code::Ok);
+        self.shared.serving.metrics.answered(code, started.elapsed().as_secs_f64());
         result.map(Response::new)
-    }
-}
-
-fn outcome_label(code: tonic::Code) -> &'static str {
-    match code {
-        tonic::Code::Ok => "ok",
-        tonic::Code::InvalidArgument => "invalid",
-        tonic::Code::ResourceExhausted => "rejected",
-        _ => "error",
     }
 }
 
@@ -366,38 +406,24 @@ pub fn check(req: &DiffuseRequest) -> Result<Checked, Status> {
 
 /// The cache key: SHA-256 of the graph as sent (vertex count, edge arrays), the features and
 /// the checked parameters. Lengths are hashed before arrays so no two requests share a stream.
+/// Arrays are hashed as their memory (host byte order): a key never leaves its node.
 pub fn cache_key(req: &DiffuseRequest, c: &Checked) -> [u8; 32] {
     let mut h = ring::digest::Context::new(&ring::digest::SHA256);
     h.update(b"quiver-serve-v1\0");
     h.update(&c.vertices.to_le_bytes());
     h.update(&(req.sources.len() as u64).to_le_bytes());
-    hash_words(&mut h, req.sources.iter().map(|x| x.to_le_bytes()));
-    hash_words(&mut h, req.targets.iter().map(|x| x.to_le_bytes()));
+    h.update(pod_bytes(&req.sources));
+    h.update(pod_bytes(&req.targets));
     h.update(&(req.features.len() as u64).to_le_bytes());
-    hash_words(&mut h, req.features.iter().map(|x| x.to_le_bytes()));
+    h.update(pod_bytes(&req.features));
     h.update(&[c.kernel as u8, u8::from(c.random_walk)]);
     h.update(&c.coefficient.to_le_bytes());
     h.update(&c.stop.max_iterations.to_le_bytes());
     h.update(&c.stop.tolerance.map_or(-1.0f32, |t| t).to_le_bytes());
     h.update(&(c.width as u64).to_le_bytes());
     h.update(&(c.seeds.len() as u64).to_le_bytes());
-    hash_words(&mut h, c.seeds.iter().map(|x| x.to_le_bytes()));
+    h.update(pod_bytes(&c.seeds));
     h.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
-}
-
-/// Feeds 4-byte words to the digest through a stack buffer (no allocation).
-fn hash_words(h: &mut ring::digest::Context, words: impl Iterator<Item = [u8; 4]>) {
-    let mut buf = [0u8; 4096];
-    let mut len = 0;
-    for w in words {
-        buf[len..len + 4].copy_from_slice(&w);
-        len += 4;
-        if len == buf.len() {
-            h.update(&buf);
-            len = 0;
-        }
-    }
-    h.update(&buf[..len]);
 }
 
 /// A computed answer, as cached.
@@ -475,14 +501,6 @@ impl ResultCache {
         }
     }
 
-    /// Stores and publishes the cache's size.
-    fn store(cache: &Mutex<ResultCache>, key: [u8; 32], answer: Arc<Answer>) {
-        let mut c = cache.lock().expect("cache lock");
-        c.insert(key, answer);
-        metrics::gauge!("quiver_serve_cache_entries").set(c.len() as f64);
-        metrics::gauge!("quiver_serve_cache_bytes").set(c.bytes() as f64);
-    }
-
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -498,7 +516,7 @@ struct Admitted<'a>(&'a Serving);
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         let depth = self.0.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-        metrics::gauge!("quiver_serve_queue_depth").set(depth as f64);
+        self.0.metrics.queue_depth.set(depth as f64);
     }
 }
 
@@ -512,7 +530,7 @@ fn admit(s: &Serving) -> Result<Admitted<'_>, Status> {
             s.cfg.queue_limit
         )));
     }
-    metrics::gauge!("quiver_serve_queue_depth").set(depth as f64);
+    s.metrics.queue_depth.set(depth as f64);
     Ok(slot)
 }
 
@@ -523,10 +541,10 @@ async fn diffuse(shared: &Shared, req: DiffuseRequest, origin: Origin) -> Result
     let key = cache_key(&req, &checked);
     let hit = s.cache.lock().expect("cache lock").get(&key);
     if let Some(answer) = hit {
-        metrics::counter!("quiver_serve_cache_hits_total").increment(1);
+        s.metrics.cache_hits.increment(1);
         return Ok(answer.response(shared.node_id, true));
     }
-    metrics::counter!("quiver_serve_cache_misses_total").increment(1);
+    s.metrics.cache_misses.increment(1);
     let _slot = admit(s)?;
     if origin == Origin::Client
         && let Some(peer) = forward_target(shared)
@@ -540,7 +558,7 @@ async fn diffuse(shared: &Shared, req: DiffuseRequest, origin: Origin) -> Result
                     iterations: resp.iterations,
                     residual: resp.residual,
                 };
-                ResultCache::store(&s.cache, key, Arc::new(answer));
+                s.store(key, Arc::new(answer));
                 return Ok(resp);
             }
             Err(e) => {
@@ -560,7 +578,7 @@ async fn diffuse(shared: &Shared, req: DiffuseRequest, origin: Origin) -> Result
         .map_err(|e| Status::invalid_argument(format!("params: {e}")))?;
     let answer = Arc::new(answer);
     let resp = answer.response(shared.node_id, false);
-    ResultCache::store(&s.cache, key, answer);
+    s.store(key, answer);
     Ok(resp)
 }
 
