@@ -224,6 +224,15 @@ pub fn run(args: Args) -> Result<()> {
         report["rejected"],
         report["cache_hit_ratio"].as_f64().unwrap_or(0.0) * 100.0,
     );
+    let field =
+        |k: &str, scale: f64| report[k].as_f64().map_or_else(|| "?".to_owned(), |v| format!("{:.1}", v * scale));
+    println!(
+        "CPU per request: agent {} µs, generator {} µs; host {}% idle, {}% stolen",
+        field("agent_cpu_us_per_request", 1.0),
+        field("client_cpu_us_per_request", 1.0),
+        field("host_idle_share", 100.0),
+        field("host_steal_share", 100.0),
+    );
     if args.json {
         println!("{report}");
     }
