@@ -513,7 +513,15 @@ impl Jobs for JobsSvc {
                 while let Ok(Some(p)) = stream.message().await {
                     let done = JobState::try_from(p.state)
                         .is_ok_and(|s| matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled));
-                    if tx.send(Ok(p)).await.is_err() || done {
+                    if tx.send(Ok(p)).await.is_err() {
+                        return;
+                    }
+                    if done {
+                        // The master can report the end before this node applies it: the stream
+                        // ends once the state here agrees, so a `Get` here right after the watch
+                        // sees the end the watch saw.
+                        view_until(&shared, CATCH_UP, |v| v.state.jobs.get(&id).is_none_or(|j| j.state.is_terminal()))
+                            .await;
                         return;
                     }
                 }
@@ -590,6 +598,23 @@ impl Jobs for JobsSvc {
 /// How long a read waits for this node to apply a job it has not seen yet.
 const CATCH_UP: Duration = Duration::from_secs(3);
 
+/// This node's view once `ready` holds for it, or the latest one when `within` runs out first:
+/// each node applies the replicated state on its own schedule.
+async fn view_until(shared: &Shared, within: Duration, ready: impl Fn(&View) -> bool) -> std::sync::Arc<View> {
+    let mut rx = shared.view.clone();
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let v = rx.borrow_and_update().clone();
+        if ready(&v) {
+            return v;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return v,
+        }
+    }
+}
+
 /// Bytes per `ResultChunk`.
 const RESULT_CHUNK: usize = 1 << 20;
 
@@ -598,18 +623,7 @@ impl JobsSvc {
     /// node that has not applied that far yet (a client that submitted through another node and
     /// asks here at once) waits a moment for it instead of answering "does not exist".
     async fn view_with(&self, id: u64) -> Result<std::sync::Arc<View>, Status> {
-        let mut rx = self.shared.view.clone();
-        let deadline = tokio::time::Instant::now() + CATCH_UP;
-        loop {
-            let v = rx.borrow_and_update().clone();
-            if v.state.jobs.contains_key(&id) || id <= v.state.applied_index {
-                return Ok(v);
-            }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => {}
-                _ => return Ok(v),
-            }
-        }
+        Ok(view_until(&self.shared, CATCH_UP, |v| v.state.jobs.contains_key(&id) || id <= v.state.applied_index).await)
     }
 
     /// Live progress of a job this node masters.
