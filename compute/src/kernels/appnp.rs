@@ -39,10 +39,11 @@
 //! its input features), which packs the most-read rows together (0.42–0.47 → 0.34–0.39 s per
 //! step on scale 20, d = 64, Zen 4 VM with 32 MiB L3). Lists keep their CSR order, so the bits
 //! are the same. The input features stay in vertex order, so a renamed row's `X_0` row is one
-//! more scattered read, at the row's end; it cost a fifth of the step until the step asked for it
-//! [`AHEAD`] rows early ([`prefetch`]; scale 20, d = 64, Zen 3 VM). Large iterates live in [`crate::buf::AlignedFloats`], so a 64-wide row is four
-//! whole cache lines; in a `Vec<f32>` (16 bytes past a boundary) it was five, and the same steps
-//! took about 13 % longer (Intel VM, scale 20, d = 64).
+//! more scattered read, at the row's end; it cost 10–25 % of the step until the step asked for
+//! it [`AHEAD`] rows early ([`prefetch`]; scale 20, d = 64, Zen 3 VM). Large iterates live in
+//! [`crate::buf::AlignedFloats`], so a 64-wide row is four whole cache lines; in a `Vec<f32>`
+//! (16 bytes past a boundary) it was five, and the same steps took about 13 % longer (Intel VM,
+//! scale 20, d = 64).
 
 use rayon::prelude::*;
 
@@ -183,8 +184,8 @@ const AHEAD: usize = 8;
 
 /// Asks for `x`'s cache lines (at most 16) ahead of their use. A renamed graph's rows read
 /// their input features (`X_0`, in vertex order) scattered over the whole matrix, one row per
-/// output row, and each such read missed the caches at the row's end; asked for a row or two
-/// ahead it arrives while the edges are summed. Changes no value.
+/// output row, and each such read missed the caches at the row's end; asked for [`AHEAD`]
+/// rows earlier it arrives while the edges are summed. Changes no value.
 #[inline]
 fn prefetch(x: &[f32]) {
     #[cfg(target_arch = "x86_64")]
