@@ -256,8 +256,9 @@ impl CpuMark {
         }
     }
 
-    /// The report's CPU fields for `requests` answered since `start` (absent where unknown):
-    /// microseconds of CPU per request for the generator and the agent, and the machine's idle
+    /// The report's CPU fields for the `requests` sent since `start`, each answered or refused
+    /// (absent where unknown): microseconds of CPU per request for the generator and the agent
+    /// (refusals are cheap, so a run with many counts low), and the machine's idle
     /// and stolen shares of its CPU time, which say how busy the host was during the run.
     fn report(&self, start: &CpuMark, requests: u64) -> serde_json::Map<String, serde_json::Value> {
         let per_request =
