@@ -10,10 +10,8 @@
 //! By default the edges are symmetrised (an undirected graph); [`ErdosRenyi::symmetrize`]
 //! keeps them directed.
 
-use rayon::prelude::*;
-
-use super::{EDGE_BLOCK, GenError, SplitMix64, purpose};
-use crate::csr::{Csr, CsrBuilder, MAX_VERTICES, SelfLoops};
+use super::{GenError, SplitMix64, build_drawn, purpose};
+use crate::csr::{Csr, MAX_VERTICES};
 
 /// Parameters of an Erdős–Rényi G(n, m) graph.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,25 +50,11 @@ impl ErdosRenyi {
         if n == 0 && m > 0 {
             return Err(GenError::NoVertices);
         }
-        let mut builder = CsrBuilder::new().vertices(n).symmetrize(self.symmetrize).self_loops(SelfLoops::Drop);
-        builder.reserve(m as usize);
-        let (mut src, mut dst) = (Vec::new(), Vec::new());
-        let mut start = 0;
-        while start < m {
-            let end = (start + EDGE_BLOCK).min(m);
-            (0..(end - start) as usize)
-                .into_par_iter()
-                .map(|j| {
-                    let i = start + j as u64;
-                    let mut rng = SplitMix64::stream(self.seed, purpose::ER_EDGE, i);
-                    let u = rng.below(n) as u32;
-                    (u, rng.below(n) as u32)
-                })
-                .unzip_into_vecs(&mut src, &mut dst);
-            builder.extend(&src, &dst);
-            start = end;
-        }
-        Ok(builder.build()?)
+        build_drawn(n, m, self.symmetrize, |i| {
+            let mut rng = SplitMix64::stream(self.seed, purpose::ER_EDGE, i);
+            let u = rng.below(n) as u32;
+            (u, rng.below(n) as u32)
+        })
     }
 }
 

@@ -33,8 +33,8 @@
 
 use rayon::prelude::*;
 
-use super::{EDGE_BLOCK, GenError, SplitMix64, purpose};
-use crate::csr::{Csr, CsrBuilder, SelfLoops};
+use super::{GenError, SplitMix64, build_drawn, purpose};
+use crate::csr::Csr;
 
 /// Parameters of a Kronecker graph; [`Kronecker::new`] fills in Graph500's defaults.
 #[derive(Clone, Debug, PartialEq)]
@@ -98,28 +98,14 @@ impl Kronecker {
         let t = [(a * TWO64) as u64, ((a + b) * TWO64) as u64, ((a + b + c) * TWO64) as u64];
         let rank = self.permute.then(|| permutation(n, self.seed));
 
-        let mut builder = CsrBuilder::new().vertices(n).symmetrize(self.symmetrize).self_loops(SelfLoops::Drop);
-        builder.reserve(m as usize);
-        let (mut src, mut dst) = (Vec::new(), Vec::new());
-        let mut start = 0;
-        while start < m {
-            let end = (start + EDGE_BLOCK).min(m);
-            (0..(end - start) as usize)
-                .into_par_iter()
-                .map(|j| {
-                    let i = start + j as u64;
-                    let (u, v) = draw_edge(self.seed, i, scale, &t);
-                    match &rank {
-                        Some(r) => (r[u as usize], r[v as usize]),
-                        None => (u, v),
-                    }
-                })
-                .unzip_into_vecs(&mut src, &mut dst);
-            builder.extend(&src, &dst);
-            start = end;
-        }
-        drop((src, dst, rank));
-        Ok(builder.build()?)
+        let seed = self.seed;
+        build_drawn(n, m, self.symmetrize, move |i| {
+            let (u, v) = draw_edge(seed, i, scale, &t);
+            match &rank {
+                Some(r) => (r[u as usize], r[v as usize]),
+                None => (u, v),
+            }
+        })
     }
 }
 

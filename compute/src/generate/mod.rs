@@ -51,7 +51,7 @@ pub use kronecker::{Kronecker, kronecker};
 
 use rayon::prelude::*;
 
-use crate::csr::BuildError;
+use crate::csr::{BuildError, Csr, CsrBuilder, SelfLoops};
 
 /// The increment of the SplitMix64 sequence (2^64 / φ, odd).
 pub const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -136,7 +136,31 @@ pub enum GenError {
 
 /// Edges are drawn and handed to the builder in blocks of this many, so the temporary edge
 /// arrays never hold the whole graph twice.
-pub(crate) const EDGE_BLOCK: u64 = 1 << 21;
+const EDGE_BLOCK: u64 = 1 << 21;
+
+/// The graph on `vertices` vertices of the `m` edges `draw(0), …, draw(m - 1)`, drawn in parallel
+/// blocks of [`EDGE_BLOCK`] and added in index order; self loops dropped, duplicates merged, the
+/// reverse of each edge added when `symmetrize`. `draw` (and whatever it owns) is dropped before the
+/// builder sorts.
+pub(crate) fn build_drawn(
+    vertices: u64,
+    m: u64,
+    symmetrize: bool,
+    draw: impl Fn(u64) -> (u32, u32) + Sync,
+) -> Result<Csr, GenError> {
+    let mut builder = CsrBuilder::new().vertices(vertices).symmetrize(symmetrize).self_loops(SelfLoops::Drop);
+    builder.reserve(m as usize);
+    let (mut src, mut dst) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < m {
+        let end = (start + EDGE_BLOCK).min(m);
+        (0..(end - start) as usize).into_par_iter().map(|j| draw(start + j as u64)).unzip_into_vecs(&mut src, &mut dst);
+        builder.extend(&src, &dst);
+        start = end;
+    }
+    drop((src, dst, draw));
+    Ok(builder.build()?)
+}
 
 /// A seeded `rows × dim` row-major feature matrix with values uniform in `[0, 1)`: value `i`
 /// (row-major) is the first `f32` of stream `(seed, FEATURES, i)`.

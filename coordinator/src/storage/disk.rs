@@ -27,7 +27,6 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use protobuf::Message as _;
 use raft::eraftpb::{Entry, HardState, Snapshot};
-use raft::{GetEntriesContext, RaftState, Storage};
 use raft_engine::{Engine, LogBatch, MessageExt, ReadableSize, RecoveryMode};
 
 use super::cache::{LogBounds, LogCache};
@@ -205,42 +204,14 @@ impl LogStore for DiskStore {
     }
 }
 
-impl Storage for DiskStore {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(self.read().initial_state())
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.read().entries(low, high, max_size.into())
-    }
-
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.read().term(idx)
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.read().first_index())
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.read().last_index())
-    }
-
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.read().snapshot(request_index, to)
-    }
-}
+storage_over_cache!(DiskStore);
 
 #[cfg(test)]
 mod tests {
     use std::process::Command as Process;
     use std::time::Duration;
+
+    use raft::{GetEntriesContext, Storage};
 
     use super::*;
     use crate::core::{CoordinatorCore, CoreConfig, bootstrap};

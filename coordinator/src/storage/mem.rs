@@ -2,9 +2,6 @@
 
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use raft::eraftpb::{Entry, Snapshot};
-use raft::{GetEntriesContext, RaftState, Storage};
-
 use super::cache::LogCache;
 use super::{LogStore, Persist, StoreError};
 
@@ -41,34 +38,4 @@ impl LogStore for MemStore {
     }
 }
 
-impl Storage for MemStore {
-    fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(self.read().initial_state())
-    }
-
-    fn entries(
-        &self,
-        low: u64,
-        high: u64,
-        max_size: impl Into<Option<u64>>,
-        _context: GetEntriesContext,
-    ) -> raft::Result<Vec<Entry>> {
-        self.read().entries(low, high, max_size.into())
-    }
-
-    fn term(&self, idx: u64) -> raft::Result<u64> {
-        self.read().term(idx)
-    }
-
-    fn first_index(&self) -> raft::Result<u64> {
-        Ok(self.read().first_index())
-    }
-
-    fn last_index(&self) -> raft::Result<u64> {
-        Ok(self.read().last_index())
-    }
-
-    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
-        self.read().snapshot(request_index, to)
-    }
-}
+storage_over_cache!(MemStore);

@@ -16,6 +16,44 @@
 //! snapshot's configuration and the core re-applies the committed entries after it (conf changes
 //! included), the way etcd does. So storage and state machine always agree on one applied index.
 
+/// Implements raft-rs's `Storage` for a store whose `read()` locks its [`cache::LogCache`]: both
+/// stores answer every read from that mirror of the live log.
+macro_rules! storage_over_cache {
+    ($store:ty) => {
+        impl raft::Storage for $store {
+            fn initial_state(&self) -> raft::Result<raft::RaftState> {
+                Ok(self.read().initial_state())
+            }
+
+            fn entries(
+                &self,
+                low: u64,
+                high: u64,
+                max_size: impl Into<Option<u64>>,
+                _context: raft::GetEntriesContext,
+            ) -> raft::Result<Vec<raft::eraftpb::Entry>> {
+                self.read().entries(low, high, max_size.into())
+            }
+
+            fn term(&self, idx: u64) -> raft::Result<u64> {
+                self.read().term(idx)
+            }
+
+            fn first_index(&self) -> raft::Result<u64> {
+                Ok(self.read().first_index())
+            }
+
+            fn last_index(&self) -> raft::Result<u64> {
+                Ok(self.read().last_index())
+            }
+
+            fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<raft::eraftpb::Snapshot> {
+                self.read().snapshot(request_index, to)
+            }
+        }
+    };
+}
+
 mod cache;
 mod disk;
 mod mem;
