@@ -15,8 +15,9 @@ use quiver_compute::Segment;
 use quiver_proto::peer::{PartitionMeta, StreamHeader, StreamKind, frame_header};
 
 use crate::transport::{
-    CertificateAuthority, InboundStream, NodeId, OutFrame, PeerConnection, Transport, TransportConfig, TransportError,
-    Validity, endpoint::quinn_configs,
+    CertificateAuthority, Congestion, InboundStream, NodeId, OutFrame, PeerConnection, Transport, TransportConfig,
+    TransportError, Validity,
+    endpoint::{quinn_configs, size_socket_buffers},
 };
 
 /// What to measure.
@@ -38,6 +39,22 @@ pub struct TransportBenchOptions {
     pub idle_connections: u32,
     /// Alternating baseline/Quiver rounds; throughput is the best round of each. Default 3.
     pub rounds: u32,
+    /// UDP receive buffer of every endpoint, baseline included ([`TransportConfig::socket_buffer`]).
+    /// Default 0: the kernel's.
+    pub socket_buffer: usize,
+    /// Congestion controller of every connection, baseline included. Default Cubic.
+    pub congestion: Congestion,
+}
+
+impl TransportBenchOptions {
+    /// The loopback transport settings every endpoint of the run uses.
+    fn config(&self) -> TransportConfig {
+        TransportConfig {
+            socket_buffer: self.socket_buffer,
+            congestion: self.congestion,
+            ..TransportConfig::loopback()
+        }
+    }
 }
 
 impl Default for TransportBenchOptions {
@@ -51,6 +68,8 @@ impl Default for TransportBenchOptions {
             handshakes: 50,
             idle_connections: 100,
             rounds: 3,
+            socket_buffer: 0,
+            congestion: Congestion::default(),
         }
     }
 }
@@ -63,6 +82,10 @@ pub struct TransportBenchReport {
     pub connections: u32,
     pub frame_bytes: u64,
     pub rounds: u32,
+    /// UDP receive buffer asked for on every endpoint (0: the kernel's).
+    pub udp_buffer: usize,
+    /// `cubic` or `bbr`.
+    pub congestion: &'static str,
     /// Best round of the default path (`recv_frame`): every frame lands in freshly allocated memory.
     pub quiver_gbit_per_s: f64,
     /// Best round with the receiver handing each frame's buffer back for the next (`recv_frame_into`).
@@ -165,14 +188,14 @@ pub async fn transport(opts: &TransportBenchOptions) -> Result<TransportBenchRep
 
     let ca = CertificateAuthority::create("bench", Validity::days(1))?;
     let recv_ident = ca.node_identity(RECEIVER, Validity::days(1))?;
-    let (receiver, mut handles) = Transport::bind(TransportConfig::loopback(), &recv_ident)?;
+    let (receiver, mut handles) = Transport::bind(opts.config(), &recv_ident)?;
     // Nobody acts on connection events here; drain them so the channel never fills.
     let mut events = std::mem::replace(&mut handles.events, tokio::sync::mpsc::channel(1).1);
     tokio::spawn(async move { while events.recv().await.is_some() {} });
     let mut senders = Vec::new();
     for i in 0..conns {
         let ident = ca.node_identity(NodeId(i + 1), Validity::days(1))?;
-        let (t, _h) = Transport::bind(TransportConfig::loopback(), &ident)?;
+        let (t, _h) = Transport::bind(opts.config(), &ident)?;
         senders.push(t);
     }
 
@@ -203,7 +226,7 @@ pub async fn transport(opts: &TransportBenchOptions) -> Result<TransportBenchRep
     let (mut peak, mut verified) = (0u64, true);
     for _ in 0..opts.rounds.max(1) {
         let cpu = cpu_time();
-        let b = baseline(&ca, &source, conns, streams, frames_per_stream).await?;
+        let b = baseline(&opts.config(), &ca, &source, conns, streams, frames_per_stream).await?;
         b_cpu = b_cpu.min((cpu_time() - cpu).as_secs_f64() / gib);
         b_rounds.push(gbit(total, b));
 
@@ -247,6 +270,11 @@ pub async fn transport(opts: &TransportBenchOptions) -> Result<TransportBenchRep
         connections: conns as u32,
         frame_bytes,
         rounds: q_rounds.len() as u32,
+        udp_buffer: opts.socket_buffer,
+        congestion: match opts.congestion {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+        },
         quiver_gbit_per_s,
         baseline_gbit_per_s,
         ratio: quiver_gbit_per_s / baseline_gbit_per_s,
@@ -383,21 +411,28 @@ async fn quiver_push(
     Ok(PushRun { elapsed, rtts, peak_extra: peak.saturating_sub(rss_before), verified })
 }
 
+/// A UDP socket for a baseline endpoint, bound and sized as [`Transport::bind`] does it.
+fn bind_socket(cfg: &TransportConfig) -> Result<std::net::UdpSocket, BenchError> {
+    let socket = std::net::UdpSocket::bind(cfg.bind).map_err(other)?;
+    size_socket_buffers(&socket, cfg.socket_buffer);
+    Ok(socket)
+}
+
 /// Bare quinn: same certificates, rustls suite and quinn tuning; raw chunks, nothing copied.
 async fn baseline(
+    cfg: &TransportConfig,
     ca: &CertificateAuthority,
     source: &Segment<u64>,
     conns: u64,
     streams: u64,
     frames_per_stream: u64,
 ) -> Result<Duration, BenchError> {
-    let cfg = TransportConfig::loopback();
     let server_ident = ca.node_identity(NodeId(2000), Validity::days(1))?;
-    let (server_cfg, _) = quinn_configs(&cfg, &server_ident)?;
+    let (server_cfg, _) = quinn_configs(cfg, &server_ident)?;
     let server = quinn::Endpoint::new(
         cfg.quinn_endpoint(),
         Some(server_cfg),
-        std::net::UdpSocket::bind(cfg.bind).map_err(other)?,
+        bind_socket(cfg)?,
         quinn::default_runtime().ok_or_else(|| other("no runtime"))?,
     )
     .map_err(other)?;
@@ -432,11 +467,11 @@ async fn baseline(
     let mut clients = Vec::new();
     for i in 0..conns {
         let ident = ca.node_identity(NodeId(2001 + i), Validity::days(1))?;
-        let (_, client_cfg) = quinn_configs(&cfg, &ident)?;
+        let (_, client_cfg) = quinn_configs(cfg, &ident)?;
         let ep = quinn::Endpoint::new(
             cfg.quinn_endpoint(),
             None,
-            std::net::UdpSocket::bind(cfg.bind).map_err(other)?,
+            bind_socket(cfg)?,
             quinn::default_runtime().ok_or_else(|| other("no runtime"))?,
         )
         .map_err(other)?;
@@ -538,4 +573,32 @@ async fn idle_connections(ca: &CertificateAuthority, receiver: &Transport, n: u3
     ep.close(0u32.into(), b"done");
     let _ = tokio::time::timeout(Duration::from_secs(1), ep.wait_idle()).await;
     Ok(per)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small run with every knob away from its default still moves and checks the bytes, and
+    /// says which settings it measured.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_run_with_a_larger_buffer_and_bbr_verifies_its_bytes() {
+        let opts = TransportBenchOptions {
+            bytes: 8 << 20,
+            connections: 2,
+            frame_bytes: 2 << 20,
+            handshakes: 2,
+            idle_connections: 2,
+            rounds: 1,
+            socket_buffer: 1 << 20,
+            congestion: Congestion::Bbr,
+            ..TransportBenchOptions::default()
+        };
+        let report =
+            tokio::time::timeout(Duration::from_secs(120), transport(&opts)).await.expect("bench finished").unwrap();
+        assert!(report.verified);
+        assert_eq!((report.udp_buffer, report.congestion), (1 << 20, "bbr"));
+        assert_eq!(report.bytes, 8 << 20);
+        assert!(report.quiver_gbit_per_s > 0.0 && report.baseline_gbit_per_s > 0.0);
+    }
 }

@@ -25,6 +25,13 @@ pub struct Args {
     /// Heartbeat period during the transfer, in milliseconds.
     #[arg(long, default_value_t = 5)]
     pub heartbeat_ms: u64,
+    /// UDP receive buffer of every endpoint (baseline included), in bytes, as `quiver agent
+    /// --udp-buffer` (default: the kernel's).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    pub udp_buffer: usize,
+    /// Congestion controller of every connection (baseline included), as `quiver agent --congestion`.
+    #[arg(long, value_enum, default_value_t)]
+    pub congestion: crate::config::CongestionControl,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -38,6 +45,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         connections: args.connections,
         frame_bytes: args.frame_bytes,
         heartbeat_every: Duration::from_millis(args.heartbeat_ms.max(1)),
+        socket_buffer: args.udp_buffer,
+        congestion: args.congestion.into(),
         ..TransportBenchOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
@@ -51,11 +60,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_human(r: &TransportBenchReport) {
     println!(
-        "transport: {:.2} GiB over {} connection(s) × {} stream(s), frames of {} MiB, loopback",
+        "transport: {:.2} GiB over {} connection(s) × {} stream(s), frames of {} MiB, loopback, {}, UDP receive buffer {}",
         r.bytes as f64 / (1u64 << 30) as f64,
         r.connections,
         r.streams,
-        r.frame_bytes >> 20
+        r.frame_bytes >> 20,
+        r.congestion,
+        if r.udp_buffer == 0 { "the kernel's".to_string() } else { format!("{} KiB", r.udp_buffer >> 10) }
     );
     println!(
         "  quiver partition push  {:>7.2} Gbit/s   {:.2} s CPU/GiB  (each frame in new memory)",

@@ -259,7 +259,7 @@ impl std::fmt::Debug for Transport {
 /// Asks the kernel for `bytes` of receive buffer on the endpoint's socket (forced past
 /// `net.core.rmem_max` where the process may), and warns when it got less; 0 leaves the kernel's
 /// default ([`TransportConfig::socket_buffer`]).
-fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
     if bytes == 0 {
         return;
     }
