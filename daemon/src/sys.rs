@@ -10,6 +10,27 @@ pub fn peak_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// UDP datagrams this host's kernel dropped so far because a socket's receive buffer was full
+/// (`RcvbufErrors` of IPv4 and IPv6 in `/proc/net/snmp` and `/proc/net/snmp6`), for every socket
+/// of this network namespace; `None` where neither file can be read.
+pub fn udp_receive_buffer_errors() -> Option<u64> {
+    let v4 = std::fs::read_to_string("/proc/net/snmp").ok().and_then(|t| snmp_counter(&t, "Udp:", "RcvbufErrors"));
+    let v6 = std::fs::read_to_string("/proc/net/snmp6").ok().and_then(|t| {
+        let line = t.lines().find(|l| l.split_whitespace().next() == Some("Udp6RcvbufErrors"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    });
+    if v4.is_none() && v6.is_none() { None } else { Some(v4.unwrap_or(0) + v6.unwrap_or(0)) }
+}
+
+/// Counter `name` of protocol `proto` (`"Udp:"`) in `/proc/net/snmp`'s text: a header line of
+/// names followed by a line of values, both starting with the protocol.
+fn snmp_counter(text: &str, proto: &str, name: &str) -> Option<u64> {
+    let mut lines = text.lines().filter(|l| l.starts_with(proto));
+    let (names, values) = (lines.next()?, lines.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 /// CPU time (user + system) that process `pid` (this one when `None`) has used, in seconds, from
 /// `/proc/PID/stat`; `None` where that file cannot be read.
 pub fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
@@ -80,5 +101,31 @@ impl Progress {
 impl Drop for Progress {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snmp_counters_are_read_by_name_under_their_protocol() {
+        let text = "Ip: Forwarding DefaultTTL\nIp: 1 64\n\
+                    Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    Udp: 34830 0 2477 37309 2466 3\n\
+                    UdpLite: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n\
+                    UdpLite: 0 0 0 0 7 0\n";
+        assert_eq!(snmp_counter(text, "Udp:", "RcvbufErrors"), Some(2466));
+        assert_eq!(snmp_counter(text, "UdpLite:", "RcvbufErrors"), Some(7));
+        assert_eq!(snmp_counter(text, "Udp:", "NoSuchCounter"), None);
+        assert_eq!(snmp_counter(text, "Tcp:", "RcvbufErrors"), None);
+        assert_eq!(snmp_counter("Udp: RcvbufErrors\n", "Udp:", "RcvbufErrors"), None, "no value line");
+    }
+
+    #[test]
+    fn this_host_reports_its_udp_drops() {
+        // Linux always has /proc/net/snmp; the count only grows.
+        let a = udp_receive_buffer_errors().expect("/proc/net/snmp");
+        assert!(udp_receive_buffer_errors().expect("/proc/net/snmp") >= a);
     }
 }

@@ -12,7 +12,10 @@
 //! peak RSS (the first agent takes the submit, so it is the job's holder and master: it keeps the
 //! graph file mapped and its checkpoints besides its own third). With `--repeat N` the same job
 //! is submitted N times on the same cluster; the later ones are reported apart as warm jobs, whose
-//! owners kept their partitions from the first (no cut, no partition transfer).
+//! owners kept their partitions from the first (no cut, no partition transfer). For each job it
+//! also reports the UDP datagrams the kernel dropped for full receive buffers meanwhile (a host-wide
+//! counter: on a quiet host, the agents' own drops), the losses that stall a halo exchange in QUIC
+//! recovery (`quiver agent --udp-buffer`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,9 +136,11 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         eprintln!("submitting the job …");
     }
-    let mut runs = Vec::new();
+    let (mut runs, mut drops) = (Vec::new(), Vec::new());
     for _ in 0..a.repeat {
+        let before = crate::sys::udp_receive_buffer_errors();
         runs.push(rt.block_on(submit_and_watch(&conn, spec.clone()))?);
+        drops.push(before.zip(crate::sys::udp_receive_buffer_errors()).map(|(b, a)| a.saturating_sub(b)));
     }
     if let Some(dir) = &a.keep_logs {
         c.keep_logs(dir, "job");
@@ -178,6 +183,7 @@ pub fn run(a: Args) -> Result<()> {
         "result_digest": digest,
         "digest_matches_quiver_run": matches,
         "agent_peak_rss_bytes": rss,
+        "udp_receive_buffer_errors": drops,
         "run_peak_rss_bytes": reference["peak_rss_bytes"],
     });
     if a.json {
@@ -201,6 +207,11 @@ pub fn run(a: Args) -> Result<()> {
             if matches { "matches quiver run" } else { "DIFFERS from quiver run" },
             rss.iter().map(|b| (b >> 20).to_string()).collect::<Vec<_>>().join(" / "),
             rss.iter().map(|b| (b / 1_000_000).to_string()).collect::<Vec<_>>().join(" / ")
+        );
+        let drops: Vec<String> = drops.iter().map(|d| d.map_or("?".into(), |d| d.to_string())).collect();
+        println!(
+            "  UDP datagrams the kernel dropped for full receive buffers (the whole host), per job: {}",
+            drops.join(", ")
         );
         if let Some(w) = warm_median {
             println!(
