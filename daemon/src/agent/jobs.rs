@@ -195,7 +195,31 @@ impl JobsHost {
     }
 
     /// The graph with this digest: from memory, or loaded from `path` on the workers.
+    ///
+    /// A file outside this node's data directory is a user's by-path graph, which Quiver did not
+    /// write and cannot keep from changing: rewritten in place (`cp` truncates the same inode), a
+    /// mapping of it would read the new bytes, or fault past a shorter end. So it is used only
+    /// while its stamp is the one it had when its digest was taken; otherwise it is hashed again
+    /// (dropping any graph mapped from it), and a different digest fails the job with that
+    /// reason. Files under the data directory (uploads, replicas) are written once and renamed
+    /// into place, so they cannot change under a mapping.
     async fn graph(&self, shared: &Shared, spec: &JobSpec, path: &Path, digest: [u8; 32]) -> Result<Arc<Csr>, String> {
+        if !path.starts_with(&shared.data_dir) && !self.file_unchanged(path, digest) {
+            self.graphs.lock().expect("graph cache").retain(|(d, _)| *d != digest);
+            let (now, loaded) = self
+                .hash_and_load(shared, spec, path, FileStamp::of(path))
+                .await
+                .map_err(|e| e.message().to_string())?;
+            if now != digest {
+                return Err(format!(
+                    "{}: the file changed since the job was submitted (SHA-256 {} now, {} then); submit it again",
+                    path.display(),
+                    crate::run::hex(&now),
+                    crate::run::hex(&digest)
+                ));
+            }
+            return loaded;
+        }
         if let Some(g) =
             self.graphs.lock().expect("graph cache").iter().find(|(d, _)| *d == digest).map(|(_, g)| g.clone())
         {
@@ -253,6 +277,14 @@ impl JobsHost {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())
+    }
+
+    /// Whether the file at `path` still has the stamp it had when it was hashed to `digest`
+    /// (false when this node never recorded that, e.g. since a restart).
+    fn file_unchanged(&self, path: &Path, digest: [u8; 32]) -> bool {
+        let files = self.files.lock().expect("file digests");
+        let then = files.iter().find(|(p, _, d)| p == path && *d == digest).map(|(_, s, _)| *s);
+        then.is_some_and(|then| FileStamp::of(path) == Some(then))
     }
 
     /// The digest and graph of the file at `path`, now as `stamp` describes it, when a recent

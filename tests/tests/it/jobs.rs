@@ -177,6 +177,43 @@ fn a_job_survives_losing_a_worker_with_the_undisturbed_result() {
     assert!(v["epoch"].as_u64().unwrap() >= 2, "the job was not re-placed in a new epoch: {v}");
 }
 
+/// A by-path graph rewritten in place mid-job (as `cp` does: the same inode, truncated and
+/// rewritten) is not read through the holder's old mapping when a lost worker forces a new epoch:
+/// the job fails and says the file changed, and the cluster goes on serving.
+#[test]
+fn a_by_path_graph_rewritten_mid_job_fails_the_job_with_the_reason() {
+    let mut c = formed_cluster();
+    let dir = c.dir.path().to_path_buf();
+    let g = kronecker(&dir, "11", "7");
+    let other = dir.join("other.qcsr").display().to_string();
+    quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "8", "--out", &other]).ok();
+    let args = [
+        g.as_str(),
+        "--partitions",
+        "3",
+        "--checkpoint-every",
+        "20",
+        "--by-path",
+        "--algo",
+        "pagerank",
+        "--iterations",
+        "600",
+    ];
+    let id = submit_id(&c, 0, &args);
+    wait_for("the job past its first checkpoints", CONVERGE * 4, || {
+        let v = c.cli(0, &["job", "get", &id]).json();
+        if v["superstep"].as_u64().unwrap_or(0) >= 50 { Ok(()) } else { Err(v.to_string()) }
+    });
+    std::fs::write(&g, std::fs::read(&other).unwrap()).unwrap();
+    c.agents[2].kill9();
+    let w = c.cli(0, &["job", "watch", &id]);
+    assert!(!w.status.success(), "the job finished on a changed graph: {}\n{}", w.stdout, c.logs());
+    assert!(w.stderr.contains("changed since the job was submitted"), "{}\n{}", w.stderr, c.logs());
+    // The holder is alive and takes the rewritten file as a new graph.
+    let v = submit_wait(&c, 0, &[g.as_str(), "--by-path", "--algo", "pagerank", "--iterations", "5"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+}
+
 /// The job's holder (it took the submit, keeps the graph and the checkpoints, and here also
 /// leads) is SIGKILLed mid-job and restarted from its data dir: it takes a new epoch, resumes from
 /// its last checkpoint, and the result is still `quiver run`'s.
