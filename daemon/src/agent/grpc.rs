@@ -6,7 +6,7 @@
 //! Raft ([`peer::propose`]: locally on the leader, forwarded over QUIC otherwise). Handlers never
 //! touch the coordinator core.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -435,9 +435,7 @@ impl Jobs for JobsSvc {
         };
         spec.holder = self.shared.node_id;
         if let Some(features) = spec.params.as_ref().map(|p| p.features_path.clone()).filter(|f| !f.is_empty()) {
-            let hashed = tokio::task::spawn_blocking(move || crate::run::sha256_file(std::path::Path::new(&features)))
-                .await
-                .map_err(|e| Status::internal(e.to_string()))?;
+            let hashed = self.shared.jobs.hash_named_file(Path::new(&features)).await;
             spec.features_digest = hashed.map_err(|e| invalid("params.features_path", e))?.to_vec();
         }
         let prepared_seconds = started.elapsed().as_secs_f64();

@@ -210,14 +210,7 @@ impl JobsHost {
                 .hash_and_load(shared, spec, path, FileStamp::of(path))
                 .await
                 .map_err(|e| e.message().to_string())?;
-            if now != digest {
-                return Err(format!(
-                    "{}: the file changed since the job was submitted (SHA-256 {} now, {} then); submit it again",
-                    path.display(),
-                    crate::run::hex(&now),
-                    crate::run::hex(&digest)
-                ));
-            }
+            changed(path, now, digest)?;
             return loaded;
         }
         if let Some(g) =
@@ -279,6 +272,30 @@ impl JobsHost {
             .map_err(|e| e.to_string())
     }
 
+    /// The SHA-256 of a user's file named by a submit (an APPNP features file), remembered
+    /// against the file's stamp so that [`Self::unchanged_since_submit`] can trust it unread.
+    pub async fn hash_named_file(&self, path: &Path) -> Result<[u8; 32], String> {
+        let before = FileStamp::of(path);
+        let owned = path.to_path_buf();
+        let digest =
+            tokio::task::spawn_blocking(move || crate::run::sha256_file(&owned)).await.map_err(|e| e.to_string())??;
+        if let Some(stamp) = before {
+            self.remember_file(path, stamp, digest);
+        }
+        Ok(digest)
+    }
+
+    /// Checks that a user's file a job names besides its graph (an APPNP features file) still
+    /// has the digest the submit recorded, before an epoch maps it: by its stamp when this node
+    /// hashed it and it has not changed since, else by hashing it again. Files under the data
+    /// directory (replicas) are written once and renamed into place, and pass unread.
+    async fn unchanged_since_submit(&self, shared: &Shared, path: &Path, digest: [u8; 32]) -> Result<(), String> {
+        if path.starts_with(&shared.data_dir) || self.file_unchanged(path, digest) {
+            return Ok(());
+        }
+        changed(path, self.hash_named_file(path).await?, digest)
+    }
+
     /// Whether the file at `path` still has the stamp it had when it was hashed to `digest`
     /// (false when this node never recorded that, e.g. since a restart).
     fn file_unchanged(&self, path: &Path, digest: [u8; 32]) -> bool {
@@ -325,6 +342,19 @@ impl JobsHost {
         }
         g
     }
+}
+
+/// The error for a user's file whose SHA-256 is `now` where the job recorded `then`.
+fn changed(path: &Path, now: [u8; 32], then: [u8; 32]) -> Result<(), String> {
+    if now == then {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: the file changed since the job was submitted (SHA-256 {} now, {} then); submit it again",
+        path.display(),
+        crate::run::hex(&now),
+        crate::run::hex(&then)
+    ))
 }
 
 /// The kernel, the APPNP features (the whole matrix from a features file; `None` for seeded
@@ -676,7 +706,8 @@ async fn master(shared: Shared, job: CoreJob, spec: JobSpec) {
         let files = files.map_err(fatal)?;
         let g = host.graph(&shared, &spec, &files.graph, job.graph_digest).await.map_err(fatal)?;
         let mut params = spec.params.clone().unwrap_or_default();
-        if let Some((path, _)) = &files.features {
+        if let Some((path, digest)) = &files.features {
+            host.unchanged_since_submit(&shared, path, *digest).await.map_err(fatal)?;
             params.features_path = path.display().to_string();
         }
         let g2 = g.clone();

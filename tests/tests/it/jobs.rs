@@ -187,31 +187,63 @@ fn a_by_path_graph_rewritten_mid_job_fails_the_job_with_the_reason() {
     let g = kronecker(&dir, "11", "7");
     let other = dir.join("other.qcsr").display().to_string();
     quiver(&dir, &["graph", "generate", "kronecker", "--scale", "11", "--seed", "8", "--out", &other]).ok();
-    let args = [
-        g.as_str(),
-        "--partitions",
-        "3",
-        "--checkpoint-every",
-        "20",
-        "--by-path",
-        "--algo",
-        "pagerank",
-        "--iterations",
-        "600",
-    ];
-    let id = submit_id(&c, 0, &args);
+    let algo = ["--algo", "pagerank", "--iterations", "600"];
+    rewrite_mid_job_then_lose_an_owner(&mut c, &g, &["--by-path"], &algo, &g, &std::fs::read(&other).unwrap());
+    // The holder is alive and takes the rewritten file as a new graph.
+    let v = submit_wait(&c, 0, &[g.as_str(), "--by-path", "--algo", "pagerank", "--iterations", "5"]);
+    assert_eq!(v["state"], "succeeded", "{v}");
+}
+
+/// The same for an APPNP features file named by path, rewritten with the same shape and other
+/// values: the next epoch would map the new values, so it fails the job instead.
+#[test]
+fn a_features_file_rewritten_mid_job_fails_the_job_with_the_reason() {
+    let mut c = formed_cluster();
+    let dir = c.dir.path().to_path_buf();
+    let g = kronecker(&dir, "11", "7");
+    let feats = |name: &str, iterations: &str| {
+        let out = dir.join(name).display().to_string();
+        quiver(
+            &dir,
+            &["run", "--graph", &g, "--algo", "appnp", "--feature-dim", "3", "--iterations", iterations, "--out", &out],
+        )
+        .ok();
+        out
+    };
+    let (f, other) = (feats("feats.npy", "2"), feats("other.npy", "3"));
+    let algo = ["--algo", "appnp", "--features", f.as_str(), "--alpha", "0.1", "--iterations", "600"];
+    rewrite_mid_job_then_lose_an_owner(&mut c, &g, &[], &algo, &f, &std::fs::read(&other).unwrap());
+}
+
+/// Submits `graph` in 3 partitions through agent 0 with `how` and `algo`, rewrites `file` in
+/// place with `bytes` once the job is past its first checkpoints, SIGKILLs agent 2 (an owner) to
+/// force a new epoch, and checks that the job fails naming the change.
+fn rewrite_mid_job_then_lose_an_owner(
+    c: &mut LocalCluster,
+    graph: &str,
+    how: &[&str],
+    algo: &[&str],
+    file: &str,
+    bytes: &[u8],
+) {
+    let mut args = vec![graph, "--partitions", "3", "--checkpoint-every", "20"];
+    args.extend_from_slice(how);
+    args.extend_from_slice(algo);
+    let id = submit_id(c, 0, &args);
     wait_for("the job past its first checkpoints", CONVERGE * 4, || {
         let v = c.cli(0, &["job", "get", &id]).json();
         if v["superstep"].as_u64().unwrap_or(0) >= 50 { Ok(()) } else { Err(v.to_string()) }
     });
-    std::fs::write(&g, std::fs::read(&other).unwrap()).unwrap();
+    std::fs::write(file, bytes).unwrap();
     c.agents[2].kill9();
     let w = c.cli(0, &["job", "watch", &id]);
-    assert!(!w.status.success(), "the job finished on a changed graph: {}\n{}", w.stdout, c.logs());
-    assert!(w.stderr.contains("changed since the job was submitted"), "{}\n{}", w.stderr, c.logs());
-    // The holder is alive and takes the rewritten file as a new graph.
-    let v = submit_wait(&c, 0, &[g.as_str(), "--by-path", "--algo", "pagerank", "--iterations", "5"]);
-    assert_eq!(v["state"], "succeeded", "{v}");
+    assert!(!w.status.success(), "the job finished on a changed {file}: {}\n{}", w.stdout, c.logs());
+    assert!(
+        w.stderr.contains(file) && w.stderr.contains("changed since the job was submitted"),
+        "{}\n{}",
+        w.stderr,
+        c.logs()
+    );
 }
 
 /// The job's holder (it took the submit, keeps the graph and the checkpoints, and here also
