@@ -29,7 +29,7 @@
 //!
 //! # Graph policy
 //!
-//! Generated edge lists go through [`CsrBuilder`](crate::csr::CsrBuilder): duplicate edges are
+//! Generated edge lists go through [`CsrBuilder`]: duplicate edges are
 //! merged and, for Kronecker and Erdős–Rényi, self loops are dropped and the graph is symmetrised
 //! by default (each undirected edge becomes two arcs), as Graph500 does.
 //!

@@ -29,8 +29,11 @@
 //! compiler gather across edges, 5–9× slower). One pass per 64 columns asks for a feature row's
 //! four cache lines together; the AVX2 path's earlier two passes of 32 were 1.4–1.6× slower.
 //! Software prefetching of the feature rows 8–32 edges ahead was measured and made steps
-//! 40% slower in CPU time (scale 20, d = 64): the out-of-order core already overlaps the loads;
-//! with the 64-column passes (8 or 16 edges ahead) it was no better than without.
+//! 40% slower in CPU time (scale 20, d = 64) with the earlier 32-column passes; with the
+//! 64-column passes, 8 or 16 edges ahead within a row, it was no better than without (AVX2,
+//! Zen 3 VM). Asked for 32 edges ahead across row ends, in the renamed order, it makes the
+//! AVX-512 step 15–20 % faster on an Intel VM ([`EDGES_AHEAD`]); the AVX2 path, measured only
+//! on AMD machines, does not prefetch.
 //! Column blocking (one pass over the graph per 16 or 32 columns, so each pass touches one cache
 //! line per feature row) was 2–4× slower: re-streaming the edges costs more than it saves.
 //! What does help where the feature matrix outgrows the last-level cache is the order of the
@@ -151,6 +154,8 @@ impl Kernel for Appnp<'_> {
             .enumerate()
             .map(|(chunk, out)| {
                 let mut res = 0f32;
+                let offsets = g.offsets();
+                let end = offsets[chunk * ROWS + out.len() / d] as usize;
                 for (i, out) in out.chunks_exact_mut(d).enumerate() {
                     let v = chunk * ROWS + i;
                     if self.rows.is_some() && v + AHEAD < g.owned() {
@@ -158,6 +163,7 @@ impl Kernel for Appnp<'_> {
                     }
                     let row = Row {
                         list: g.row(v),
+                        ahead: &g.sources()[offsets[v] as usize..end],
                         this: v as u32,
                         w: &wts.w,
                         x,
@@ -197,11 +203,24 @@ fn prefetch(x: &[f32]) {
     let _ = x;
 }
 
+/// How many edges ahead the AVX-512 path asks for a feature row's cache lines (all four of a
+/// 64-column pass, into L1), counting on through the next rows' lists of the same work item.
+/// Intel Xeon VM (family 6 model 167, 2 MiB L2), scale 20, d = 64, renamed order, median step:
+/// 0.277–0.281 s without; 16 / 24 / 32 / 48 ahead within the row only 0.245–0.254 / 0.235–0.247 /
+/// 0.234–0.246 / 0.244–0.252 s; across row ends 24 / 32 / 48: 0.228–0.234 / **0.221–0.230** /
+/// 0.227–0.238 s (benches/RESULTS.md, 2026-12-07 afternoon). The feature rows are random reads
+/// that the out-of-order window alone reaches only about a row ahead. Changes no value.
+const EDGES_AHEAD: usize = 32;
+
 /// Everything one output row needs. Invariant (checked by [`LocalGraph`]'s constructors and the
 /// asserts in `step`): every id in `list` and `this` is below `w.len()`, `x.len() == w.len() * d`
 /// and `x0.len() == d` (the last checked again by [`Simd::row`], with the output's length).
 struct Row<'a> {
     list: &'a [u32],
+    /// `list` followed by the lists of the rows after it in the same work item: the AVX-512
+    /// path asks for the feature row [`EDGES_AHEAD`] edges on, across row ends.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    ahead: &'a [u32],
     this: u32,
     w: &'a [f32],
     x: &'a [f32],
@@ -306,7 +325,16 @@ mod x86 {
                     a3 = _mm512_fmadd_ps(wu, _mm512_maskz_loadu_ps(m3, p.add(48)), a3);
                 }
             };
-            for &u in r.list {
+            for (i, &u) in r.list.iter().enumerate() {
+                if let Some(&next) = r.ahead.get(i + super::EDGES_AHEAD) {
+                    let q = xp.wrapping_add(next as usize * d + c0);
+                    for k in 0..4 {
+                        if 16 * k < width {
+                            // A prefetch is only a hint and never faults.
+                            _mm_prefetch::<_MM_HINT_T0>(q.wrapping_add(16 * k).cast());
+                        }
+                    }
+                }
                 edge(u);
             }
             edge(r.this);
@@ -451,6 +479,7 @@ mod tests {
                 for v in 0..g.vertices() {
                     let row = Row {
                         list: lg.row(v),
+                        ahead: lg.row(v),
                         this: v as u32,
                         w: &wts.w,
                         x: &x,
