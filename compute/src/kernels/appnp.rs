@@ -206,8 +206,8 @@ fn prefetch(x: &[f32]) {
 /// How many edges ahead the AVX-512 path asks for a feature row's cache lines (all four of a
 /// 64-column pass, into L1), counting on through the next rows' lists of the same work item.
 /// Intel Xeon VM (family 6 model 167, 2 MiB L2), scale 20, d = 64, renamed order, median step:
-/// 0.277–0.281 s without; 16 / 24 / 32 / 48 ahead within the row only 0.245–0.254 / 0.235–0.247 /
-/// 0.234–0.246 / 0.244–0.252 s; across row ends 24 / 32 / 48: 0.228–0.234 / **0.221–0.230** /
+/// 0.274–0.281 s without; 16 / 24 / 32 / 48 ahead within the row only 0.245–0.254 / 0.235–0.247 /
+/// 0.234–0.247 / 0.244–0.252 s; across row ends 24 / 32 / 48: 0.228–0.234 / **0.221–0.230** /
 /// 0.227–0.238 s (benches/RESULTS.md, 2026-12-07 afternoon). The feature rows are random reads
 /// that the out-of-order window alone reaches only about a row ahead. Changes no value.
 const EDGES_AHEAD: usize = 32;
