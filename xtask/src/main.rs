@@ -29,9 +29,13 @@ fn main() -> Result<()> {
     }
 }
 
-/// The workspace root.
+/// The workspace root: the parent of `CARGO_MANIFEST_DIR` as cargo sets it when it runs xtask or
+/// its tests, else as it was at build time. Not the build-time value first: two checkouts that
+/// share a target directory share this binary, and the checkout it runs for is the one cargo ran in.
 fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_path_buf()
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| env!("CARGO_MANIFEST_DIR").into(), std::path::PathBuf::from);
+    manifest.parent().expect("xtask lives in the workspace").to_path_buf()
 }
 
 fn cargo(args: &[&str]) -> Result<()> {

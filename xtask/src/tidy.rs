@@ -4,11 +4,8 @@
 #![cfg(test)]
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace root").to_path_buf()
-}
+use crate::root;
 
 /// The Quiver crates (and selected external crates) a member depends on, in every dependency table.
 fn deps_of(dir: &str) -> BTreeSet<String> {
