@@ -156,7 +156,7 @@ impl JobsHost {
                 match before.and_then(|stamp| self.known_file(path, stamp)) {
                     // The same file as a recent submit's, unchanged since: its graph is in memory.
                     Some((d, g)) => (d, Ok(g)),
-                    None => self.hash_and_load(shared, spec, path, before).await?,
+                    None => self.hash_and_load(shared, spec, path).await?,
                 }
             }
         };
@@ -204,12 +204,9 @@ impl JobsHost {
     /// reason. Files under the data directory (uploads, replicas) are written once and renamed
     /// into place, so they cannot change under a mapping.
     async fn graph(&self, shared: &Shared, spec: &JobSpec, path: &Path, digest: [u8; 32]) -> Result<Arc<Csr>, String> {
-        if !path.starts_with(&shared.data_dir) && !self.file_unchanged(path, digest) {
+        if !self.unchanged_by_stamp(shared, path, digest) {
             self.graphs.lock().expect("graph cache").retain(|(d, _)| *d != digest);
-            let (now, loaded) = self
-                .hash_and_load(shared, spec, path, FileStamp::of(path))
-                .await
-                .map_err(|e| e.message().to_string())?;
+            let (now, loaded) = self.hash_and_load(shared, spec, path).await.map_err(|e| e.message().to_string())?;
             changed(path, now, digest)?;
             return loaded;
         }
@@ -221,31 +218,21 @@ impl JobsHost {
         Ok(self.remember(digest, self.load(shared, spec, path).await?))
     }
 
-    /// Loads the graph at `path` on the workers, in the spec's format (else by extension, else
-    /// by its first bytes).
-    /// Hashes the file at `path` while loading it; remembers its digest against `before`, its
-    /// stamp from before the hash began, when the load succeeds.
+    /// Hashes the file at `path` (remembering its digest, [`Self::hash_named_file`]) while
+    /// loading it.
     async fn hash_and_load(
         &self,
         shared: &Shared,
         spec: &JobSpec,
         path: &Path,
-        before: Option<FileStamp>,
     ) -> Result<([u8; 32], Result<Arc<Csr>, String>), Status> {
-        let hashed = {
-            let path = path.to_path_buf();
-            tokio::task::spawn_blocking(move || crate::run::sha256_file(&path))
-        };
-        let (hashed, loaded) = tokio::join!(hashed, self.load(shared, spec, path));
-        let d = hashed
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
-        if let (Some(stamp), Ok(_)) = (before, &loaded) {
-            self.remember_file(path, stamp, d);
-        }
+        let (hashed, loaded) = tokio::join!(self.hash_named_file(path), self.load(shared, spec, path));
+        let d = hashed.map_err(|e| Status::invalid_argument(format!("graph_path: {e}")))?;
         Ok((d, loaded.map(|g| self.remember(d, g))))
     }
 
+    /// Loads the graph at `path` on the workers, in the spec's format (else by extension, else
+    /// by its first bytes).
     async fn load(&self, shared: &Shared, spec: &JobSpec, path: &Path) -> Result<Csr, String> {
         let format = match GraphFormat::try_from(spec.format) {
             Ok(GraphFormat::Snap) => Some(Format::EdgeList),
@@ -272,8 +259,9 @@ impl JobsHost {
             .map_err(|e| e.to_string())
     }
 
-    /// The SHA-256 of a user's file named by a submit (an APPNP features file), remembered
-    /// against the file's stamp so that [`Self::unchanged_since_submit`] can trust it unread.
+    /// The SHA-256 of a user's file named by a submit (a by-path graph, an APPNP features file),
+    /// remembered against the file's stamp from before the hash began, so that a later reader can
+    /// trust it unread while the stamp holds ([`Self::unchanged_by_stamp`]).
     pub async fn hash_named_file(&self, path: &Path) -> Result<[u8; 32], String> {
         let before = FileStamp::of(path);
         let owned = path.to_path_buf();
@@ -285,20 +273,24 @@ impl JobsHost {
         Ok(digest)
     }
 
-    /// Checks that a user's file a job names besides its graph (an APPNP features file) still
-    /// has the digest the submit recorded, before an epoch maps it: by its stamp when this node
-    /// hashed it and it has not changed since, else by hashing it again. Files under the data
-    /// directory (replicas) are written once and renamed into place, and pass unread.
+    /// Checks that a file a job names besides its graph (an APPNP features file) still has the
+    /// digest the submit recorded, before an epoch maps it: by [`Self::unchanged_by_stamp`], else
+    /// by hashing it again.
     async fn unchanged_since_submit(&self, shared: &Shared, path: &Path, digest: [u8; 32]) -> Result<(), String> {
-        if path.starts_with(&shared.data_dir) || self.file_unchanged(path, digest) {
+        if self.unchanged_by_stamp(shared, path, digest) {
             return Ok(());
         }
         changed(path, self.hash_named_file(path).await?, digest)
     }
 
-    /// Whether the file at `path` still has the stamp it had when it was hashed to `digest`
-    /// (false when this node never recorded that, e.g. since a restart).
-    fn file_unchanged(&self, path: &Path, digest: [u8; 32]) -> bool {
+    /// Whether the file at `path` can be read as the one hashed to `digest` without hashing it
+    /// again: it lies under the data directory (uploads and replicas are written once and renamed
+    /// into place), or it still has the stamp it had when it was hashed (false when this node
+    /// never recorded that, e.g. since a restart).
+    fn unchanged_by_stamp(&self, shared: &Shared, path: &Path, digest: [u8; 32]) -> bool {
+        if path.starts_with(&shared.data_dir) {
+            return true;
+        }
         let files = self.files.lock().expect("file digests");
         let then = files.iter().find(|(p, _, d)| p == path && *d == digest).map(|(_, s, _)| *s);
         then.is_some_and(|then| FileStamp::of(path) == Some(then))
