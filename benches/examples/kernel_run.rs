@@ -23,13 +23,9 @@ use quiver_compute::kernels::superstep::{Globals, Kernel, PartitionState};
 use quiver_compute::kernels::{self, Algorithm, Appnp, Normalization, PageRank, Params, Stop, Teleport};
 use quiver_compute::partition::LocalGraph;
 
-/// Process CPU time (user + system) in seconds, from `/proc/self/stat` (100 Hz ticks).
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
-}
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_seconds;
 
 /// Times `steps` single steps: (best, median, CPU seconds per step).
 fn time_steps<K: Kernel>(kernel: &K, lg: &LocalGraph, steps: u32) -> (f64, f64, f64) {

@@ -9,10 +9,19 @@
 //! With `QUIVER_GRAPH` the graph is read from that file (a `.qcsr` is mapped, as a job's is)
 //! instead of generated, and each repeat reads it again, so the cut pays for first touching
 //! the mapping as a job's master does.
+//!
+//! It also prints what a distributed job must move for this cut: each partition's arrays (what
+//! a remote owner receives) and the halo values every superstep exchanges, and the CPU seconds
+//! (all threads, from `/proc/self/stat`) each cut took, the inputs of the floor a job's time
+//! cannot go under on a given number of cores.
 
 use std::time::Instant;
 
 use quiver_compute::{formats, generate, partition};
+
+#[path = "common/cpu.rs"]
+mod cpu;
+use cpu::cpu_seconds;
 
 fn main() {
     let arg = |i: usize, d: usize| std::env::args().nth(i).and_then(|a| a.parse().ok()).unwrap_or(d);
@@ -39,14 +48,18 @@ fn main() {
                 t.elapsed().as_secs_f64()
             );
         }
+        let printed = std::cell::Cell::new(false);
         let mut times: Vec<f64> = (0..repeats)
             .map(|_| {
                 let loaded = file.as_deref().map(read);
                 let g = loaded.as_ref().or(generated.as_ref()).expect("a graph");
-                let t = Instant::now();
+                let (t, cpu) = (Instant::now(), cpu_seconds());
                 let p = partition::partition(g, parts).expect("partition");
                 let s = t.elapsed().as_secs_f64();
-                eprintln!("cut in {s:.3} s");
+                eprintln!("cut in {s:.3} s, {:.2} CPU-s", cpu_seconds() - cpu);
+                if !printed.replace(true) {
+                    report(&p);
+                }
                 drop(p);
                 s
             })
@@ -58,4 +71,26 @@ fn main() {
             times[times.len() / 2]
         );
     });
+}
+
+/// Each partition's bytes as a job ships them (its graph arrays, halo list and mirror lists) and
+/// the halo values one superstep exchanges.
+fn report(p: &partition::Partitioning) {
+    let mut halo_total = 0;
+    for part in &p.parts {
+        let g = &part.graph;
+        let mirrors: usize = part.mirrors.iter().map(|m| m.vertices.len()).sum();
+        let bytes = (g.owned() + 1) * 8 + g.edges() * 4 + g.locals() * 8 + (part.halo.len() + mirrors) * 4;
+        halo_total += part.halo.len();
+        eprintln!(
+            "partition {}: {} owned, {} edges, {} halo values read per step, {} sent; {:.1} MB of arrays",
+            part.index,
+            g.owned(),
+            g.edges(),
+            part.halo.len(),
+            mirrors,
+            bytes as f64 / 1e6
+        );
+    }
+    eprintln!("halo exchange: {halo_total} values = {:.2} MB per superstep", halo_total as f64 * 4.0 / 1e6);
 }
