@@ -16,6 +16,13 @@
 //! also reports the UDP datagrams the kernel dropped for full receive buffers meanwhile (a host-wide
 //! counter: on a quiet host, the agents' own drops), the losses that stall a halo exchange in QUIC
 //! recovery (`quiver agent --udp-buffer`).
+//!
+//! It also counts CPU: `quiver run`'s (its process, from `getrusage` of waited-for children) and
+//! the agents' during each job (`/proc/PID/stat` before and after, all agents summed, so their
+//! idle chatter in those seconds too). The agents' CPU spread over every core this host has is
+//! the least time the job's work could take here (`floor_seconds`), and its ratio to `quiver
+//! run`'s whole command (`ratio_floor_to_run_wall`) the best ratio any scheduling of that work
+//! could reach: when the job is CPU-bound, less work, not better overlap, is what lowers it.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -105,10 +112,11 @@ pub fn run(a: Args) -> Result<()> {
     }
     let mut run_args = vec!["run", "--graph", gpath.as_str(), "--json", "--threads", &threads];
     run_args.extend(&algo);
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), crate::sys::children_cpu_seconds());
     let printed = quiver(&exe, &dir, &run_args)?;
     // The whole command as a user times it: process start, load, compute, writing the result.
     let run_wall = t.elapsed().as_secs_f64();
+    let run_cpu = cpu.zip(crate::sys::children_cpu_seconds()).map(|(b, a)| a - b);
     let reference: Value = serde_json::from_str(printed.lines().last().context("quiver run printed nothing")?)?;
 
     if !a.json {
@@ -136,12 +144,18 @@ pub fn run(a: Args) -> Result<()> {
     if !a.json {
         eprintln!("submitting the job …");
     }
-    let (mut runs, mut drops) = (Vec::new(), Vec::new());
+    let (mut runs, mut drops, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+    let agents_cpu = |c: &LocalCluster| -> Option<f64> {
+        c.agents.iter().map(|ag| ag.pid().and_then(|p| crate::sys::cpu_seconds(Some(p)))).sum()
+    };
     for _ in 0..a.repeat {
-        let before = crate::sys::udp_receive_buffer_errors();
+        let (before, cpu_before) = (crate::sys::udp_receive_buffer_errors(), agents_cpu(&c));
         runs.push(rt.block_on(submit_and_watch(&conn, spec.clone()))?);
         drops.push(before.zip(crate::sys::udp_receive_buffer_errors()).map(|(b, a)| a.saturating_sub(b)));
+        cpu.push(cpu_before.zip(agents_cpu(&c)).map(|(b, a)| a - b));
     }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let floor: Vec<Option<f64>> = cpu.iter().map(|c| c.map(|c| c / cores)).collect();
     if let Some(dir) = &a.keep_logs {
         c.keep_logs(dir, "job");
     }
@@ -185,6 +199,11 @@ pub fn run(a: Args) -> Result<()> {
         "agent_peak_rss_bytes": rss,
         "udp_receive_buffer_errors": drops,
         "run_peak_rss_bytes": reference["peak_rss_bytes"],
+        "run_cpu_seconds": run_cpu,
+        "job_agent_cpu_seconds": cpu,
+        "cores": cores,
+        "floor_seconds": floor,
+        "ratio_floor_to_run_wall": floor.iter().map(|f| f.map(|f| f / run_wall)).collect::<Vec<_>>(),
     });
     if a.json {
         println!("{out}");
@@ -212,6 +231,14 @@ pub fn run(a: Args) -> Result<()> {
         println!(
             "  UDP datagrams the kernel dropped for full receive buffers (the whole host), per job: {}",
             drops.join(", ")
+        );
+        let secs = |x: &Option<f64>| x.map_or("?".into(), |x| format!("{x:.2}"));
+        println!(
+            "  CPU: quiver run {} s; the agents per job {} s, which on {cores} cores take at least {} s = {}× quiver run's whole command",
+            secs(&run_cpu),
+            cpu.iter().map(secs).collect::<Vec<_>>().join(", "),
+            floor.iter().map(secs).collect::<Vec<_>>().join(", "),
+            floor.iter().map(|f| secs(&f.map(|f| f / run_wall))).collect::<Vec<_>>().join(", ")
         );
         if let Some(w) = warm_median {
             println!(
