@@ -82,12 +82,15 @@ pub fn peers(root: &Path, args: &[String]) -> Result<()> {
     let o = parse(args)?;
     let python = venv(root)?;
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    run(Command::new(&cargo).current_dir(root).args(["build", "--release", "-p", "quiver"]))?;
     run(Command::new(&cargo).current_dir(root).args([
         "build",
         "--release",
         "-p",
+        "quiver",
+        "-p",
         "quiver-benches",
+        "--bin",
+        "quiver",
         "--example",
         "triad",
     ]))?;

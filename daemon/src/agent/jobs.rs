@@ -288,24 +288,24 @@ impl JobsHost {
     /// into place), or it still has the stamp it had when it was hashed (false when this node
     /// never recorded that, e.g. since a restart).
     fn unchanged_by_stamp(&self, shared: &Shared, path: &Path, digest: [u8; 32]) -> bool {
-        if path.starts_with(&shared.data_dir) {
-            return true;
-        }
-        let files = self.files.lock().expect("file digests");
-        let then = files.iter().find(|(p, _, d)| p == path && *d == digest).map(|(_, s, _)| *s);
-        then.is_some_and(|then| FileStamp::of(path) == Some(then))
+        path.starts_with(&shared.data_dir)
+            || FileStamp::of(path).and_then(|now| self.recorded_digest(path, now)) == Some(digest)
     }
 
     /// The digest and graph of the file at `path`, now as `stamp` describes it, when a recent
     /// submit hashed that very file and it has not changed since (same device, inode, length,
     /// modification and change times) and its graph is still in memory.
     fn known_file(&self, path: &Path, stamp: FileStamp) -> Option<([u8; 32], Arc<Csr>)> {
-        let digest = {
-            let files = self.files.lock().expect("file digests");
-            files.iter().find(|(p, s, _)| p == path && *s == stamp).map(|(_, _, d)| *d)?
-        };
+        let digest = self.recorded_digest(path, stamp)?;
         let graphs = self.graphs.lock().expect("graph cache");
         graphs.iter().find(|(d, _)| *d == digest).map(|(d, g)| (*d, g.clone()))
+    }
+
+    /// The digest [`Self::remember_file`] recorded for the file at `path` as `stamp` describes
+    /// it (one record per path: the latest).
+    fn recorded_digest(&self, path: &Path, stamp: FileStamp) -> Option<[u8; 32]> {
+        let files = self.files.lock().expect("file digests");
+        files.iter().find(|(p, s, _)| p == path && *s == stamp).map(|(_, _, d)| *d)
     }
 
     /// Remembers that the file at `path`, as `stamp` describes it before it was hashed, has
