@@ -114,6 +114,11 @@ pub struct AgentArgs {
     /// caps it at net.core.rmem_max unless the agent has CAP_NET_ADMIN.
     #[arg(long, env = "QUIVER_UDP_BUFFER", value_name = "BYTES")]
     pub udp_buffer: Option<usize>,
+    /// Largest UDP payload the peer connections' path-MTU discovery probes for, 1200–6500
+    /// (default 1452, for a 1500-byte Ethernet MTU). On loopback or jumbo-frame links a larger
+    /// bound carries several times the data per packet for the same per-packet work.
+    #[arg(long, env = "QUIVER_MAX_MTU", value_name = "BYTES")]
+    pub max_mtu: Option<u16>,
     /// Bytes of graph partitions this node keeps after their jobs succeed, so that the next job
     /// on the same graph (same content, same partition count) skips cutting and shipping them
     /// (default: 1 GiB; 0 keeps none). Least recently used partitions go first.
@@ -148,6 +153,7 @@ struct FileConfig {
     serve_forward_threshold: Option<usize>,
     congestion: Option<CongestionControl>,
     udp_buffer: Option<usize>,
+    max_mtu: Option<u16>,
     partition_cache: Option<u64>,
     fault_injection: Option<bool>,
 }
@@ -190,6 +196,8 @@ pub struct AgentConfig {
     pub congestion: CongestionControl,
     /// `--udp-buffer`: the peer socket's receive buffer in bytes (0: the kernel's default).
     pub udp_buffer: usize,
+    /// `--max-mtu`: the peer connections' path-MTU discovery bound.
+    pub max_mtu: u16,
     /// `--partition-cache`: bytes of partitions kept for later jobs on the same graph.
     pub partition_cache: u64,
     /// `--fault-injection`: the chaos layer under the transport and its HTTP control.
@@ -308,6 +316,14 @@ impl AgentArgs {
         if serve_queue_limit == Some(0) {
             return Err(invalid("--serve-queue-limit", "must be at least 1"));
         }
+        let max_mtu = self.max_mtu.or(file.max_mtu).unwrap_or(quiver_node_agent::transport::DEFAULT_MAX_MTU);
+        let mtus = quiver_node_agent::transport::MTU_PROBE_LIMITS;
+        if !mtus.contains(&max_mtu) {
+            return Err(invalid(
+                "--max-mtu",
+                format!("{max_mtu} is outside {}..={} bytes of UDP payload", mtus.start(), mtus.end()),
+            ));
+        }
         let join_token = self.join_token.or(file.join_token);
         if join_token.is_some() && !matches!(membership, Membership::Join { .. }) {
             return Err(invalid("--token", "a join token needs --join SEED (and no --bootstrap)"));
@@ -329,6 +345,7 @@ impl AgentArgs {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             congestion: self.congestion.or(file.congestion).unwrap_or_default(),
             udp_buffer: self.udp_buffer.or(file.udp_buffer).unwrap_or(0),
+            max_mtu,
             partition_cache: self
                 .partition_cache
                 .or(file.partition_cache)
@@ -402,6 +419,19 @@ mod tests {
         assert_eq!(c.membership, Membership::Restart);
         assert_eq!(c.advertise_addr, "127.0.0.1:7400".parse().unwrap());
         assert_eq!(c.udp_buffer, 0, "the kernel's socket buffer unless asked");
+        assert_eq!(c.max_mtu, 1452, "quinn's own discovery bound unless asked");
+    }
+
+    #[test]
+    fn max_mtu_is_bounded() {
+        assert_eq!(with_file("max_mtu = 6500\n", args()).unwrap().max_mtu, 6500);
+        for bad in [1199, 6501, 9000] {
+            let err = with_file(&format!("max_mtu = {bad}\n"), args()).unwrap_err().to_string();
+            assert!(
+                err.contains("--max-mtu") && err.contains(&bad.to_string()) && err.contains("1200..=6500"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

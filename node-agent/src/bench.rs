@@ -44,6 +44,8 @@ pub struct TransportBenchOptions {
     pub socket_buffer: usize,
     /// Congestion controller of every connection, baseline included. Default Cubic.
     pub congestion: Congestion,
+    /// Path-MTU discovery bound of every connection, baseline included ([`TransportConfig::max_mtu`]).
+    pub max_mtu: u16,
 }
 
 impl TransportBenchOptions {
@@ -52,6 +54,7 @@ impl TransportBenchOptions {
         TransportConfig {
             socket_buffer: self.socket_buffer,
             congestion: self.congestion,
+            max_mtu: self.max_mtu,
             ..TransportConfig::loopback()
         }
     }
@@ -70,6 +73,7 @@ impl Default for TransportBenchOptions {
             rounds: 3,
             socket_buffer: 0,
             congestion: Congestion::default(),
+            max_mtu: crate::transport::DEFAULT_MAX_MTU,
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct TransportBenchReport {
     pub udp_buffer: usize,
     /// `cubic` or `bbr`.
     pub congestion: &'static str,
+    /// Path-MTU discovery bound of every connection.
+    pub max_mtu: u16,
     /// Best round of the default path (`recv_frame`): every frame lands in freshly allocated memory.
     pub quiver_gbit_per_s: f64,
     /// Best round with the receiver handing each frame's buffer back for the next (`recv_frame_into`).
@@ -271,6 +277,7 @@ pub async fn transport(opts: &TransportBenchOptions) -> Result<TransportBenchRep
         frame_bytes,
         rounds: q_rounds.len() as u32,
         udp_buffer: opts.socket_buffer,
+        max_mtu: opts.max_mtu,
         congestion: match opts.congestion {
             Congestion::Cubic => "cubic",
             Congestion::Bbr => "bbr",
@@ -582,7 +589,7 @@ mod tests {
     /// A small run with every knob away from its default still moves and checks the bytes, and
     /// says which settings it measured.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_small_run_with_a_larger_buffer_and_bbr_verifies_its_bytes() {
+    async fn a_small_run_with_a_larger_buffer_bbr_and_jumbo_datagrams_verifies_its_bytes() {
         let opts = TransportBenchOptions {
             bytes: 8 << 20,
             connections: 2,
@@ -592,12 +599,13 @@ mod tests {
             rounds: 1,
             socket_buffer: 1 << 20,
             congestion: Congestion::Bbr,
+            max_mtu: 6500,
             ..TransportBenchOptions::default()
         };
         let report =
             tokio::time::timeout(Duration::from_secs(120), transport(&opts)).await.expect("bench finished").unwrap();
         assert!(report.verified);
-        assert_eq!((report.udp_buffer, report.congestion), (1 << 20, "bbr"));
+        assert_eq!((report.udp_buffer, report.congestion, report.max_mtu), (1 << 20, "bbr", 6500));
         assert_eq!(report.bytes, 8 << 20);
         assert!(report.quiver_gbit_per_s > 0.0 && report.baseline_gbit_per_s > 0.0);
     }

@@ -32,6 +32,9 @@ pub struct Args {
     /// Congestion controller of every connection (baseline included), as `quiver agent --congestion`.
     #[arg(long, value_enum, default_value_t)]
     pub congestion: crate::config::CongestionControl,
+    /// Path-MTU discovery bound of every connection (baseline included), as `quiver agent --max-mtu`.
+    #[arg(long, value_name = "BYTES", default_value_t = quiver_node_agent::transport::DEFAULT_MAX_MTU)]
+    pub max_mtu: u16,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -47,6 +50,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         heartbeat_every: Duration::from_millis(args.heartbeat_ms.max(1)),
         socket_buffer: args.udp_buffer,
         congestion: args.congestion.into(),
+        max_mtu: args.max_mtu,
         ..TransportBenchOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")?;
@@ -60,13 +64,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 fn print_human(r: &TransportBenchReport) {
     println!(
-        "transport: {:.2} GiB over {} connection(s) × {} stream(s), frames of {} MiB, loopback, {}, UDP receive buffer {}",
+        "transport: {:.2} GiB over {} connection(s) × {} stream(s), frames of {} MiB, loopback, {}, UDP receive buffer {}, MTU discovery up to {} bytes",
         r.bytes as f64 / (1u64 << 30) as f64,
         r.connections,
         r.streams,
         r.frame_bytes >> 20,
         r.congestion,
-        if r.udp_buffer == 0 { "the kernel's".to_string() } else { format!("{} KiB", r.udp_buffer >> 10) }
+        if r.udp_buffer == 0 { "the kernel's".to_string() } else { format!("{} KiB", r.udp_buffer >> 10) },
+        r.max_mtu
     );
     println!(
         "  quiver partition push  {:>7.2} Gbit/s   {:.2} s CPU/GiB  (each frame in new memory)",

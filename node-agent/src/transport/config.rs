@@ -53,6 +53,13 @@ pub struct TransportConfig {
     pub initial_mtu: u16,
     /// Largest UDP payload we accept. Default 1472 (a 1500-byte Ethernet MTU).
     pub max_udp_payload_size: u16,
+    /// Largest UDP payload quinn's path-MTU discovery probes for ([`MTU_PROBE_LIMITS`]). Default
+    /// 1452, quinn's own: right for Ethernet, where larger probes are lost and discovery stays put.
+    /// On loopback or jumbo-frame links a larger bound lets discovery climb, and each datagram
+    /// then carries several times the data for the same per-packet work: 6,500 moved a 1 GiB
+    /// frame at 9–11 Gbit/s against 4.4–5.0 (half the CPU per GiB, benches/RESULTS.md,
+    /// 2026-12-07 night). `quiver agent --max-mtu` sets it; the endpoint accepts datagrams this large.
+    pub max_mtu: u16,
     /// UDP segmentation offload. Default on: throughput falls about 3× without it.
     pub segmentation_offload: bool,
     /// Kernel receive buffer asked for on the endpoint's UDP socket. Default 0: the kernel's
@@ -120,6 +127,7 @@ impl Default for TransportConfig {
             stream_header_timeout: Duration::from_secs(10),
             initial_mtu: 1200,
             max_udp_payload_size: 1472,
+            max_mtu: DEFAULT_MAX_MTU,
             segmentation_offload: true,
             socket_buffer: 0,
             reconnect_base: Duration::from_millis(100),
@@ -151,6 +159,11 @@ impl TransportConfig {
             .keep_alive_interval(Some(self.keep_alive_interval))
             .max_idle_timeout(Some(IdleTimeout::try_from(self.idle_timeout).unwrap_or(IdleTimeout::from(VarInt::MAX))))
             .initial_mtu(self.initial_mtu)
+            .mtu_discovery_config(Some({
+                let mut d = quinn::MtuDiscoveryConfig::default();
+                d.upper_bound(self.max_mtu);
+                d
+            }))
             .enable_segmentation_offload(self.segmentation_offload);
         match self.congestion {
             Congestion::Cubic => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
@@ -163,7 +176,29 @@ impl TransportConfig {
     pub fn quinn_endpoint(&self) -> quinn::EndpointConfig {
         let mut e = quinn::EndpointConfig::default();
         // Only fails below 1200, which QUIC forbids anyway; fall back to quinn's default then.
-        let _ = e.max_udp_payload_size(self.max_udp_payload_size.max(self.initial_mtu));
+        let _ = e.max_udp_payload_size(self.max_udp_payload_size.max(self.initial_mtu).max(self.max_mtu));
         e
     }
+
+    /// Why these settings cannot work, if they cannot.
+    pub fn check(&self) -> Result<(), String> {
+        if !MTU_PROBE_LIMITS.contains(&self.max_mtu) {
+            return Err(format!(
+                "max MTU {} is outside {}..={}: QUIC needs 1200-byte datagrams, and quinn sends up to 10 \
+                 datagrams in one segmentation-offload call, which Linux refuses above 64 KiB in all",
+                self.max_mtu,
+                MTU_PROBE_LIMITS.start(),
+                MTU_PROBE_LIMITS.end()
+            ));
+        }
+        Ok(())
+    }
 }
+
+/// quinn's own upper bound for path-MTU discovery (a 1500-byte Ethernet MTU less IP and UDP headers).
+pub const DEFAULT_MAX_MTU: u16 = 1452;
+
+/// The bounds [`TransportConfig::max_mtu`] may take. Below, QUIC's minimum datagram; above, ten
+/// datagrams (quinn's segmentation-offload batch) would exceed the 65,507-byte UDP limit and
+/// every batch would fail to send (the connection stalls without an error).
+pub const MTU_PROBE_LIMITS: std::ops::RangeInclusive<u16> = 1200..=6500;

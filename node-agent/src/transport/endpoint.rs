@@ -40,6 +40,8 @@ pub enum TransportError {
     Tls(#[from] TlsError),
     #[error("quic crypto configuration: {0}")]
     Crypto(String),
+    #[error("transport settings: {0}")]
+    Config(String),
     #[error("bind {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("no async runtime found (call from inside tokio)")]
@@ -307,6 +309,7 @@ impl Transport {
         config: TransportConfig,
         identity: &NodeIdentity,
     ) -> Result<(Transport, TransportHandles), TransportError> {
+        config.check().map_err(TransportError::Config)?;
         let config = Arc::new(config);
         let (server, client) = quinn_configs(&config, identity)?;
         let socket = std::net::UdpSocket::bind(config.bind)

@@ -18,7 +18,7 @@ pub mod tls;
 use std::fmt;
 
 pub use codec::{CodecError, Limits};
-pub use config::{Congestion, DEFAULT_PEER_PORT, TransportConfig};
+pub use config::{Congestion, DEFAULT_MAX_MTU, DEFAULT_PEER_PORT, MTU_PROBE_LIMITS, TransportConfig};
 pub use endpoint::{
     Heartbeater, InboundStream, PeerConnection, PeerEvent, Transport, TransportError, TransportHandles,
 };
