@@ -57,7 +57,7 @@ pub struct TransportConfig {
     /// 1452, quinn's own: right for Ethernet, where larger probes are lost and discovery stays put.
     /// On loopback or jumbo-frame links a larger bound lets discovery climb, and each datagram
     /// then carries several times the data for the same per-packet work: 6,500 moved a 1 GiB
-    /// frame at 9–11 Gbit/s against 4.4–5.0 (half the CPU per GiB, benches/RESULTS.md,
+    /// frame at 8.8–11.8 Gbit/s against 4.2–5.4 (half the CPU per GiB, benches/RESULTS.md,
     /// 2026-12-07 night). `quiver agent --max-mtu` sets it; the endpoint accepts datagrams this large.
     pub max_mtu: u16,
     /// UDP segmentation offload. Default on: throughput falls about 3× without it.
