@@ -114,6 +114,11 @@ pub struct AgentArgs {
     /// caps it at net.core.rmem_max unless the agent has CAP_NET_ADMIN.
     #[arg(long, env = "QUIVER_UDP_BUFFER", value_name = "BYTES")]
     pub udp_buffer: Option<usize>,
+    /// Receive buffer the peer socket is widened to while this node runs a job's supersteps, in
+    /// bytes (default 4 MiB; 0 never widens). Their halos arrive from every peer at once while the
+    /// cores are busy computing; outside supersteps --udp-buffer applies.
+    #[arg(long, env = "QUIVER_JOB_UDP_BUFFER", value_name = "BYTES")]
+    pub job_udp_buffer: Option<usize>,
     /// Largest UDP payload the peer connections' path-MTU discovery probes for, 1200–6500
     /// (default 1452, for a 1500-byte Ethernet MTU). On loopback or jumbo-frame links a larger
     /// bound carries several times the data per packet for the same per-packet work.
@@ -153,6 +158,7 @@ struct FileConfig {
     serve_forward_threshold: Option<usize>,
     congestion: Option<CongestionControl>,
     udp_buffer: Option<usize>,
+    job_udp_buffer: Option<usize>,
     max_mtu: Option<u16>,
     partition_cache: Option<u64>,
     fault_injection: Option<bool>,
@@ -196,6 +202,8 @@ pub struct AgentConfig {
     pub congestion: CongestionControl,
     /// `--udp-buffer`: the peer socket's receive buffer in bytes (0: the kernel's default).
     pub udp_buffer: usize,
+    /// `--job-udp-buffer`: the peer socket's receive buffer during a job's supersteps.
+    pub job_udp_buffer: usize,
     /// `--max-mtu`: the peer connections' path-MTU discovery bound.
     pub max_mtu: u16,
     /// `--partition-cache`: bytes of partitions kept for later jobs on the same graph.
@@ -345,6 +353,10 @@ impl AgentArgs {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             congestion: self.congestion.or(file.congestion).unwrap_or_default(),
             udp_buffer: self.udp_buffer.or(file.udp_buffer).unwrap_or(0),
+            job_udp_buffer: self
+                .job_udp_buffer
+                .or(file.job_udp_buffer)
+                .unwrap_or(quiver_node_agent::transport::TransportConfig::default().job_socket_buffer),
             max_mtu,
             partition_cache: self
                 .partition_cache
@@ -420,6 +432,7 @@ mod tests {
         assert_eq!(c.advertise_addr, "127.0.0.1:7400".parse().unwrap());
         assert_eq!(c.udp_buffer, 0, "the kernel's socket buffer unless asked");
         assert_eq!(c.max_mtu, 1452, "quinn's own discovery bound unless asked");
+        assert_eq!(c.job_udp_buffer, 4 << 20, "supersteps widen the buffer unless told not to");
     }
 
     #[test]
@@ -442,6 +455,7 @@ mod tests {
         assert_eq!(c.grpc_addr.port(), 9001);
         assert_eq!(c.http_addr.port(), 9002);
         assert_eq!(with_file("udp_buffer = 4194304\n", args()).unwrap().udp_buffer, 4 << 20);
+        assert_eq!(with_file("job_udp_buffer = 0\n", args()).unwrap().job_udp_buffer, 0);
         assert_eq!(c.partition_cache, quiver_node_agent::jobs::DEFAULT_PARTITION_CACHE_BYTES);
         assert_eq!(with_file("partition_cache = 0\n", args()).unwrap().partition_cache, 0);
     }

@@ -209,6 +209,8 @@ async fn kept_partitions_serve_the_next_job_on_the_same_graph() {
         stop: Stop::iterations(10),
     };
     let lookups = || nodes.iter().map(|n| n.rt.partition_cache().lookups()).collect::<Vec<_>>();
+    let buffers = || nodes.iter().map(|n| n.transport.receive_buffer_bytes()).collect::<Vec<_>>();
+    let resting = buffers();
     // Owners keep their partition once they have sent their result; wait for the last of them.
     let nodes = &nodes;
     let kept = |want: usize| async move {
@@ -246,6 +248,15 @@ async fn kept_partitions_serve_the_next_job_on_the_same_graph() {
     }
     check(distributed(nodes, &g, &pagerank, &owners, 5).await, &pagerank, &g, "without a cache");
     assert!(nodes.iter().all(|n| n.rt.partition_cache().is_empty()));
+    // The owners widened their sockets' receive buffers for the supersteps; once the last owner
+    // is gone every buffer is back at its resting size.
+    tokio::time::timeout(DEADLINE, async {
+        while buffers() != resting {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("receive buffers {:?}, resting {resting:?}", buffers()));
 }
 
 /// Halos cut into many small pieces (a piece is a few rows) arrive in order, land in the right

@@ -466,3 +466,24 @@ async fn mtu_discovery_climbs_to_the_configured_bound_on_loopback() {
         assert_eq!(mtu, bound);
     }
 }
+
+/// A job's supersteps widen the peer socket's receive buffer; it narrows again only when the
+/// last lease is gone.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn supersteps_widen_the_receive_buffer_until_the_last_lease_ends() {
+    let ca = ca();
+    let want = 3 << 20;
+    let cfg = TransportConfig { job_socket_buffer: want, ..TransportConfig::loopback() };
+    let (t, _h) = Transport::bind(cfg, &ca.node_identity(NodeId(1), Validity::days(1)).unwrap()).unwrap();
+    let resting = t.receive_buffer_bytes().expect("a second descriptor of the socket");
+    let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    let wide = |got: usize| got >= want || (got >= cap && got > resting);
+    let first = t.widen_receive_buffer();
+    assert!(wide(t.receive_buffer_bytes().unwrap()), "widened to {:?} (resting {resting})", t.receive_buffer_bytes());
+    let second = t.widen_receive_buffer();
+    drop(first);
+    assert!(wide(t.receive_buffer_bytes().unwrap()), "one lease still holds it wide");
+    drop(second);
+    assert_eq!(t.receive_buffer_bytes(), Some(resting));
+}

@@ -206,6 +206,7 @@ async fn run_with(cfg: AgentConfig, embedded: Option<Embedded>) -> Result<()> {
         bind: cfg.peer_addr,
         congestion: cfg.congestion.into(),
         socket_buffer: cfg.udp_buffer,
+        job_socket_buffer: cfg.job_udp_buffer,
         max_mtu: cfg.max_mtu,
         faults: faults.clone(),
         ..TransportConfig::default()

@@ -133,19 +133,24 @@ pub struct JobRuntime {
     partitions: PartitionCache,
 }
 
-/// Counts an owner task while it lives (also when it is aborted mid-await).
-pub(crate) struct ActiveOwner(Arc<JobRuntime>);
+/// Counts an owner task while it lives (also when it is aborted mid-await), and holds the peer
+/// socket's receive buffer wide meanwhile: its supersteps' halos arrive from every peer at once
+/// ([`crate::transport::TransportConfig::job_socket_buffer`]).
+pub(crate) struct ActiveOwner {
+    rt: Arc<JobRuntime>,
+    _wide: crate::transport::ReceiveBufferLease,
+}
 
 impl ActiveOwner {
     pub(crate) fn new(rt: &Arc<JobRuntime>) -> Self {
         rt.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self(rt.clone())
+        Self { rt: rt.clone(), _wide: rt.transport.widen_receive_buffer() }
     }
 }
 
 impl Drop for ActiveOwner {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.rt.active.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -73,6 +73,14 @@ pub struct TransportConfig {
     /// at `net.core.rmem_max` unless the process may force it (`CAP_NET_ADMIN`); the endpoint
     /// warns when it got less than asked.
     pub socket_buffer: usize,
+    /// Receive buffer the socket is widened to while this node runs a job's supersteps
+    /// ([`super::Transport::widen_receive_buffer`]), back to `socket_buffer` when the last ends.
+    /// Default 4 MiB. A superstep's halos from every reader's peers land at once, while the
+    /// node's cores are busy with the kernel: with the kernel's 208 KiB, three agents on two
+    /// cores dropped 500–900 datagrams per PageRank job and each loss cost a QUIC recovery and a
+    /// Cubic back-off. Outside supersteps the smaller buffer keeps heartbeats from queueing behind
+    /// bulk transfers (see `socket_buffer`). 0 never widens.
+    pub job_socket_buffer: usize,
     /// Reconnect backoff: first delay. Default 100 ms.
     pub reconnect_base: Duration,
     /// Reconnect backoff: largest delay. Default 5 s.
@@ -130,6 +138,7 @@ impl Default for TransportConfig {
             max_mtu: DEFAULT_MAX_MTU,
             segmentation_offload: true,
             socket_buffer: 0,
+            job_socket_buffer: 4 << 20,
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             rtt_report_interval: Duration::from_secs(1),

@@ -244,6 +244,7 @@ struct Inner {
     events: mpsc::Sender<PeerEvent>,
     inbound: mpsc::Sender<InboundStream>,
     shutdown: watch::Sender<bool>,
+    receive_buffer: Arc<ReceiveBuffer>,
 }
 
 /// A node's peer transport. Cheap to clone; all clones share one endpoint.
@@ -282,13 +283,11 @@ pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
             )
         };
     }
-    // Linux reports twice the size it books for payload; ask for the plain size where forcing
-    // did not give it (the kernel caps that at its maximum).
-    let granted = |size: std::io::Result<usize>| size.map(|s| if cfg!(target_os = "linux") { s / 2 } else { s });
-    if granted(sock.recv_buffer_size()).is_ok_and(|s| s < bytes) {
+    // Ask for the plain size where forcing did not give it (the kernel caps that at its maximum).
+    if receive_buffer_granted(socket).is_ok_and(|s| s < bytes) {
         let _ = sock.set_recv_buffer_size(bytes);
     }
-    match granted(sock.recv_buffer_size()) {
+    match receive_buffer_granted(socket) {
         Ok(got) if got < bytes => tracing::warn!(
             asked_kib = bytes >> 10,
             got_kib = got >> 10,
@@ -297,6 +296,46 @@ pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
         ),
         Ok(got) => tracing::debug!(kib = got >> 10, "peer socket receive buffer"),
         Err(e) => tracing::warn!(error = %e, "could not read the peer socket's receive buffer size"),
+    }
+}
+
+/// The payload bytes the socket's receive buffer holds now: Linux reports twice the size it books
+/// for payload.
+fn receive_buffer_granted(socket: &std::net::UdpSocket) -> std::io::Result<usize> {
+    socket2::SockRef::from(socket).recv_buffer_size().map(|s| if cfg!(target_os = "linux") { s / 2 } else { s })
+}
+
+/// The endpoint socket's receive buffer: its resting size, and the wider one held while any
+/// [`ReceiveBufferLease`] lives ([`TransportConfig::job_socket_buffer`]).
+#[derive(Debug)]
+struct ReceiveBuffer {
+    /// A second descriptor of the endpoint's socket (quinn owns the first).
+    socket: Option<std::net::UdpSocket>,
+    resting: usize,
+    wide: usize,
+    leases: Mutex<usize>,
+}
+
+/// Keeps the peer socket's receive buffer wide until dropped ([`Transport::widen_receive_buffer`]).
+#[derive(Debug)]
+#[must_use = "the buffer narrows again when the lease is dropped"]
+pub struct ReceiveBufferLease(Arc<ReceiveBuffer>);
+
+impl ReceiveBuffer {
+    fn resize(&self, bytes: usize) {
+        if let Some(socket) = &self.socket {
+            size_socket_buffers(socket, bytes);
+        }
+    }
+}
+
+impl Drop for ReceiveBufferLease {
+    fn drop(&mut self) {
+        let mut leases = self.0.leases.lock().expect("receive buffer leases");
+        *leases -= 1;
+        if *leases == 0 && self.0.wide > self.0.resting {
+            self.0.resize(self.0.resting);
+        }
     }
 }
 
@@ -315,6 +354,13 @@ impl Transport {
         let socket = std::net::UdpSocket::bind(config.bind)
             .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
         size_socket_buffers(&socket, config.socket_buffer);
+        let receive_buffer = Arc::new(ReceiveBuffer {
+            // Without a second descriptor the buffer simply stays at its resting size.
+            socket: socket.try_clone().ok(),
+            resting: receive_buffer_granted(&socket).unwrap_or(config.socket_buffer),
+            wide: config.job_socket_buffer,
+            leases: Mutex::new(0),
+        });
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
         let endpoint = match &config.faults {
             None => quinn::Endpoint::new(config.quinn_endpoint(), Some(server), socket, runtime),
@@ -340,6 +386,7 @@ impl Transport {
             events: events_tx,
             inbound: inbound_tx,
             shutdown: watch::channel(false).0,
+            receive_buffer,
         });
         tokio::spawn(accept_loop(inner.clone()));
         Ok((Transport { inner }, TransportHandles { events, inbound }))
@@ -348,6 +395,24 @@ impl Transport {
     /// This node's id.
     pub fn node_id(&self) -> NodeId {
         self.inner.node_id
+    }
+
+    /// Widens the peer socket's receive buffer to [`TransportConfig::job_socket_buffer`] until
+    /// the returned lease (and every other) is dropped: a job owner holds one through its
+    /// supersteps, whose halos arrive from every peer at once.
+    pub fn widen_receive_buffer(&self) -> ReceiveBufferLease {
+        let buffer = &self.inner.receive_buffer;
+        let mut leases = buffer.leases.lock().expect("receive buffer leases");
+        if *leases == 0 && buffer.wide > buffer.resting {
+            buffer.resize(buffer.wide);
+        }
+        *leases += 1;
+        ReceiveBufferLease(buffer.clone())
+    }
+
+    /// The payload bytes the peer socket's receive buffer holds now.
+    pub fn receive_buffer_bytes(&self) -> Option<usize> {
+        self.inner.receive_buffer.socket.as_ref().and_then(|s| receive_buffer_granted(s).ok())
     }
 
     /// The bound UDP address.

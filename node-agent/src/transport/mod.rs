@@ -20,7 +20,8 @@ use std::fmt;
 pub use codec::{CodecError, Limits};
 pub use config::{Congestion, DEFAULT_MAX_MTU, DEFAULT_PEER_PORT, MTU_PROBE_LIMITS, TransportConfig};
 pub use endpoint::{
-    Heartbeater, InboundStream, PeerConnection, PeerEvent, Transport, TransportError, TransportHandles,
+    Heartbeater, InboundStream, PeerConnection, PeerEvent, ReceiveBufferLease, Transport, TransportError,
+    TransportHandles,
 };
 pub use frame::{CopyStats, InFrame, OutFrame, SegmentAccessError};
 pub use quiver_proto::peer::{StreamHeader, StreamKind};
