@@ -421,7 +421,7 @@ async fn quiver_push(
 /// A UDP socket for a baseline endpoint, bound and sized as [`Transport::bind`] does it.
 fn bind_socket(cfg: &TransportConfig) -> Result<std::net::UdpSocket, BenchError> {
     let socket = std::net::UdpSocket::bind(cfg.bind).map_err(other)?;
-    size_socket_buffers(&socket, cfg.socket_buffer);
+    size_socket_buffers(&socket, cfg.socket_buffer, false);
     Ok(socket)
 }
 

@@ -260,9 +260,9 @@ impl std::fmt::Debug for Transport {
 }
 
 /// Asks the kernel for `bytes` of receive buffer on the endpoint's socket (forced past
-/// `net.core.rmem_max` where the process may), and warns when it got less; 0 leaves the kernel's
-/// default ([`TransportConfig::socket_buffer`]).
-pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+/// `net.core.rmem_max` where the process may), and warns when it got less unless `quiet`; 0
+/// leaves the kernel's default ([`TransportConfig::socket_buffer`]).
+pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize, quiet: bool) {
     if bytes == 0 {
         return;
     }
@@ -288,6 +288,9 @@ pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize) {
         let _ = sock.set_recv_buffer_size(bytes);
     }
     match receive_buffer_granted(socket) {
+        Ok(got) if got < bytes && quiet => {
+            tracing::debug!(asked_kib = bytes >> 10, got_kib = got >> 10, "peer socket receive buffer")
+        }
         Ok(got) if got < bytes => tracing::warn!(
             asked_kib = bytes >> 10,
             got_kib = got >> 10,
@@ -314,6 +317,8 @@ struct ReceiveBuffer {
     resting: usize,
     wide: usize,
     leases: Mutex<usize>,
+    /// Whether widening has fallen short once (said once, not at every job).
+    fell_short: std::sync::atomic::AtomicBool,
 }
 
 /// Keeps the peer socket's receive buffer wide until dropped ([`Transport::widen_receive_buffer`]).
@@ -322,9 +327,19 @@ struct ReceiveBuffer {
 pub struct ReceiveBufferLease(Arc<ReceiveBuffer>);
 
 impl ReceiveBuffer {
-    fn resize(&self, bytes: usize) {
+    fn widen(&self) {
         if let Some(socket) = &self.socket {
-            size_socket_buffers(socket, bytes);
+            let quiet = self.fell_short.load(std::sync::atomic::Ordering::Relaxed);
+            size_socket_buffers(socket, self.wide, quiet);
+            if receive_buffer_granted(socket).is_ok_and(|got| got < self.wide) {
+                self.fell_short.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn narrow(&self) {
+        if let Some(socket) = &self.socket {
+            size_socket_buffers(socket, self.resting, true);
         }
     }
 }
@@ -334,7 +349,7 @@ impl Drop for ReceiveBufferLease {
         let mut leases = self.0.leases.lock().expect("receive buffer leases");
         *leases -= 1;
         if *leases == 0 && self.0.wide > self.0.resting {
-            self.0.resize(self.0.resting);
+            self.0.narrow();
         }
     }
 }
@@ -353,13 +368,14 @@ impl Transport {
         let (server, client) = quinn_configs(&config, identity)?;
         let socket = std::net::UdpSocket::bind(config.bind)
             .map_err(|source| TransportError::Bind { addr: config.bind, source })?;
-        size_socket_buffers(&socket, config.socket_buffer);
+        size_socket_buffers(&socket, config.socket_buffer, false);
         let receive_buffer = Arc::new(ReceiveBuffer {
             // Without a second descriptor the buffer simply stays at its resting size.
             socket: socket.try_clone().ok(),
             resting: receive_buffer_granted(&socket).unwrap_or(config.socket_buffer),
             wide: config.job_socket_buffer,
             leases: Mutex::new(0),
+            fell_short: Default::default(),
         });
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
         let endpoint = match &config.faults {
@@ -404,7 +420,7 @@ impl Transport {
         let buffer = &self.inner.receive_buffer;
         let mut leases = buffer.leases.lock().expect("receive buffer leases");
         if *leases == 0 && buffer.wide > buffer.resting {
-            buffer.resize(buffer.wide);
+            buffer.widen();
         }
         *leases += 1;
         ReceiveBufferLease(buffer.clone())
@@ -925,10 +941,10 @@ mod tests {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let size = || socket2::SockRef::from(&socket).recv_buffer_size().unwrap();
         let before = size();
-        size_socket_buffers(&socket, 0);
+        size_socket_buffers(&socket, 0, false);
         assert_eq!(size(), before);
         let want = 3 << 20;
-        size_socket_buffers(&socket, want);
+        size_socket_buffers(&socket, want, false);
         let cap: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
         // Linux books twice the size asked and reports what it booked.
         let got = size() / 2;
