@@ -300,6 +300,16 @@ fn systemd_unit_is_hardened_and_verifies() {
     assert!(exec.contains(" agent --config /etc/quiver/quiver.toml"), "{exec}");
     let example = assert_agent_toml("deploy/systemd/quiver.toml", &read("deploy/systemd/quiver.toml"));
     assert_eq!(example["data_dir"].as_str(), Some("/var/lib/quiver"), "the unit's StateDirectory");
+    // Without capabilities the agent can widen its UDP receive buffer for job supersteps (4 MiB by
+    // default) only up to net.core.rmem_max: the sysctl drop-in must allow at least that.
+    let sysctl = read("deploy/systemd/90-quiver.conf");
+    let rmem_max: u64 = sysctl
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|l| l.split_once('=').filter(|(k, _)| k.trim() == "net.core.rmem_max"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .expect("90-quiver.conf sets net.core.rmem_max");
+    assert!(rmem_max >= 4 << 20, "net.core.rmem_max {rmem_max} is below the default --job-udp-buffer of 4 MiB");
 
     // `systemd-analyze verify` where systemd exists: it checks every directive against this
     // systemd and that ExecStart's program exists (pointed at a stand-in executable here).
