@@ -325,13 +325,7 @@ impl AgentArgs {
             return Err(invalid("--serve-queue-limit", "must be at least 1"));
         }
         let max_mtu = self.max_mtu.or(file.max_mtu).unwrap_or(quiver_node_agent::transport::DEFAULT_MAX_MTU);
-        let mtus = quiver_node_agent::transport::MTU_PROBE_LIMITS;
-        if !mtus.contains(&max_mtu) {
-            return Err(invalid(
-                "--max-mtu",
-                format!("{max_mtu} is outside {}..={} bytes of UDP payload", mtus.start(), mtus.end()),
-            ));
-        }
+        quiver_node_agent::transport::check_max_mtu(max_mtu).map_err(|reason| invalid("--max-mtu", reason))?;
         let join_token = self.join_token.or(file.join_token);
         if join_token.is_some() && !matches!(membership, Membership::Join { .. }) {
             return Err(invalid("--token", "a join token needs --join SEED (and no --bootstrap)"));
@@ -356,7 +350,7 @@ impl AgentArgs {
             job_udp_buffer: self
                 .job_udp_buffer
                 .or(file.job_udp_buffer)
-                .unwrap_or(quiver_node_agent::transport::TransportConfig::default().job_socket_buffer),
+                .unwrap_or(quiver_node_agent::transport::DEFAULT_JOB_SOCKET_BUFFER),
             max_mtu,
             partition_cache: self
                 .partition_cache

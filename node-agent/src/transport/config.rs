@@ -138,7 +138,7 @@ impl Default for TransportConfig {
             max_mtu: DEFAULT_MAX_MTU,
             segmentation_offload: true,
             socket_buffer: 0,
-            job_socket_buffer: 4 << 20,
+            job_socket_buffer: DEFAULT_JOB_SOCKET_BUFFER,
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             rtt_report_interval: Duration::from_secs(1),
@@ -191,21 +191,28 @@ impl TransportConfig {
 
     /// Why these settings cannot work, if they cannot.
     pub fn check(&self) -> Result<(), String> {
-        if !MTU_PROBE_LIMITS.contains(&self.max_mtu) {
-            return Err(format!(
-                "max MTU {} is outside {}..={}: QUIC needs 1200-byte datagrams, and quinn sends up to 10 \
-                 datagrams in one segmentation-offload call, which Linux refuses above 64 KiB in all",
-                self.max_mtu,
-                MTU_PROBE_LIMITS.start(),
-                MTU_PROBE_LIMITS.end()
-            ));
-        }
-        Ok(())
+        check_max_mtu(self.max_mtu)
     }
+}
+
+/// Why `max_mtu` cannot be a path-MTU discovery bound ([`MTU_PROBE_LIMITS`]), if it cannot.
+pub fn check_max_mtu(max_mtu: u16) -> Result<(), String> {
+    if MTU_PROBE_LIMITS.contains(&max_mtu) {
+        return Ok(());
+    }
+    Err(format!(
+        "max MTU {max_mtu} is outside {}..={}: QUIC needs 1200-byte datagrams, and quinn sends up to 10 \
+         datagrams in one segmentation-offload call, which Linux refuses above 64 KiB in all",
+        MTU_PROBE_LIMITS.start(),
+        MTU_PROBE_LIMITS.end()
+    ))
 }
 
 /// quinn's own upper bound for path-MTU discovery (a 1500-byte Ethernet MTU less IP and UDP headers).
 pub const DEFAULT_MAX_MTU: u16 = 1452;
+
+/// [`TransportConfig::job_socket_buffer`]'s default: 4 MiB.
+pub const DEFAULT_JOB_SOCKET_BUFFER: usize = 4 << 20;
 
 /// The bounds [`TransportConfig::max_mtu`] may take. Below, QUIC's minimum datagram; above, ten
 /// datagrams (quinn's segmentation-offload batch) would exceed the 65,507-byte UDP limit and

@@ -261,10 +261,11 @@ impl std::fmt::Debug for Transport {
 
 /// Asks the kernel for `bytes` of receive buffer on the endpoint's socket (forced past
 /// `net.core.rmem_max` where the process may), and warns when it got less unless `quiet`; 0
-/// leaves the kernel's default ([`TransportConfig::socket_buffer`]).
-pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize, quiet: bool) {
+/// leaves the kernel's default ([`TransportConfig::socket_buffer`]). Returns whether it got all
+/// it asked for.
+pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize, quiet: bool) -> bool {
     if bytes == 0 {
-        return;
+        return true;
     }
     let sock = socket2::SockRef::from(socket);
     #[cfg(target_os = "linux")]
@@ -289,16 +290,26 @@ pub(crate) fn size_socket_buffers(socket: &std::net::UdpSocket, bytes: usize, qu
     }
     match receive_buffer_granted(socket) {
         Ok(got) if got < bytes && quiet => {
-            tracing::debug!(asked_kib = bytes >> 10, got_kib = got >> 10, "peer socket receive buffer")
+            tracing::debug!(asked_kib = bytes >> 10, got_kib = got >> 10, "peer socket receive buffer");
+            false
         }
-        Ok(got) if got < bytes => tracing::warn!(
-            asked_kib = bytes >> 10,
-            got_kib = got >> 10,
-            "the peer socket's UDP receive buffer is smaller than asked: raise net.core.rmem_max to at least \
-             the asked size"
-        ),
-        Ok(got) => tracing::debug!(kib = got >> 10, "peer socket receive buffer"),
-        Err(e) => tracing::warn!(error = %e, "could not read the peer socket's receive buffer size"),
+        Ok(got) if got < bytes => {
+            tracing::warn!(
+                asked_kib = bytes >> 10,
+                got_kib = got >> 10,
+                "the peer socket's UDP receive buffer is smaller than asked: raise net.core.rmem_max to at least \
+                 the asked size"
+            );
+            false
+        }
+        Ok(got) => {
+            tracing::debug!(kib = got >> 10, "peer socket receive buffer");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the peer socket's receive buffer size");
+            false
+        }
     }
 }
 
@@ -327,18 +338,31 @@ struct ReceiveBuffer {
 pub struct ReceiveBufferLease(Arc<ReceiveBuffer>);
 
 impl ReceiveBuffer {
-    fn widen(&self) {
-        if let Some(socket) = &self.socket {
+    /// Counts a lease; the first widens the socket (warning once, not at every job, when the
+    /// kernel grants less).
+    fn acquire(self: &Arc<Self>) -> ReceiveBufferLease {
+        let mut leases = self.leases.lock().expect("receive buffer leases");
+        if *leases == 0
+            && self.wide > self.resting
+            && let Some(socket) = &self.socket
+        {
             let quiet = self.fell_short.load(std::sync::atomic::Ordering::Relaxed);
-            size_socket_buffers(socket, self.wide, quiet);
-            if receive_buffer_granted(socket).is_ok_and(|got| got < self.wide) {
+            if !size_socket_buffers(socket, self.wide, quiet) {
                 self.fell_short.store(true, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        *leases += 1;
+        ReceiveBufferLease(self.clone())
     }
 
-    fn narrow(&self) {
-        if let Some(socket) = &self.socket {
+    /// Ends a lease; the last narrows the socket back to its resting size.
+    fn release(&self) {
+        let mut leases = self.leases.lock().expect("receive buffer leases");
+        *leases -= 1;
+        if *leases == 0
+            && self.wide > self.resting
+            && let Some(socket) = &self.socket
+        {
             size_socket_buffers(socket, self.resting, true);
         }
     }
@@ -346,11 +370,7 @@ impl ReceiveBuffer {
 
 impl Drop for ReceiveBufferLease {
     fn drop(&mut self) {
-        let mut leases = self.0.leases.lock().expect("receive buffer leases");
-        *leases -= 1;
-        if *leases == 0 && self.0.wide > self.0.resting {
-            self.0.narrow();
-        }
+        self.0.release();
     }
 }
 
@@ -417,13 +437,7 @@ impl Transport {
     /// the returned lease (and every other) is dropped: a job owner holds one through its
     /// supersteps, whose halos arrive from every peer at once.
     pub fn widen_receive_buffer(&self) -> ReceiveBufferLease {
-        let buffer = &self.inner.receive_buffer;
-        let mut leases = buffer.leases.lock().expect("receive buffer leases");
-        if *leases == 0 && buffer.wide > buffer.resting {
-            buffer.widen();
-        }
-        *leases += 1;
-        ReceiveBufferLease(buffer.clone())
+        self.inner.receive_buffer.acquire()
     }
 
     /// The payload bytes the peer socket's receive buffer holds now.

@@ -18,7 +18,10 @@ pub mod tls;
 use std::fmt;
 
 pub use codec::{CodecError, Limits};
-pub use config::{Congestion, DEFAULT_MAX_MTU, DEFAULT_PEER_PORT, MTU_PROBE_LIMITS, TransportConfig};
+pub use config::{
+    Congestion, DEFAULT_JOB_SOCKET_BUFFER, DEFAULT_MAX_MTU, DEFAULT_PEER_PORT, MTU_PROBE_LIMITS, TransportConfig,
+    check_max_mtu,
+};
 pub use endpoint::{
     Heartbeater, InboundStream, PeerConnection, PeerEvent, ReceiveBufferLease, Transport, TransportError,
     TransportHandles,
