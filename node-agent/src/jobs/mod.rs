@@ -133,18 +133,24 @@ pub struct JobRuntime {
     partitions: PartitionCache,
 }
 
-/// Counts an owner task while it lives (also when it is aborted mid-await), and holds the peer
-/// socket's receive buffer wide meanwhile: its supersteps' halos arrive from every peer at once
+/// Counts an owner task while it lives (also when it is aborted mid-await), and, for a kernel of
+/// one value per vertex, holds the peer socket's receive buffer wide meanwhile
 /// ([`crate::transport::TransportConfig::job_socket_buffer`]).
+///
+/// Such a superstep's halos are small bursts from every peer at once, and a drop costs a QUIC
+/// recovery: widening cut the halo exchange by a quarter. Wide rows (APPNP) are the opposite: their
+/// exchange is bound by bandwidth, not losses, and with fewer drops more of each step's halos are
+/// in flight at once — the holder of an APPNP d = 64 job peaked at 481–508 MB widened against
+/// 470–478 MB not (benches/RESULTS.md, 2026-12-07 night), at the 0.5 GB line.
 pub(crate) struct ActiveOwner {
     rt: Arc<JobRuntime>,
-    _wide: crate::transport::ReceiveBufferLease,
+    _wide: Option<crate::transport::ReceiveBufferLease>,
 }
 
 impl ActiveOwner {
-    pub(crate) fn new(rt: &Arc<JobRuntime>) -> Self {
+    pub(crate) fn new(rt: &Arc<JobRuntime>, width: usize) -> Self {
         rt.active.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Self { rt: rt.clone(), _wide: rt.transport.widen_receive_buffer() }
+        Self { rt: rt.clone(), _wide: (width == 1).then(|| rt.transport.widen_receive_buffer()) }
     }
 }
 

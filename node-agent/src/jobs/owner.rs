@@ -179,7 +179,7 @@ pub(crate) async fn run_owner(
 ) {
     let p = part.index;
     let kept = keep.map(|k| (k, part.clone()));
-    let _active = super::ActiveOwner::new(&rt);
+    let _active = super::ActiveOwner::new(&rt, spec.width());
     let result = match spec {
         KernelSpec::PageRank(k) => owner_loop(rt.clone(), key, Arc::new(k), part, owners, resume, rx, &tx).await,
         KernelSpec::Heat(k) => owner_loop(rt.clone(), key, Arc::new(k), part, owners, resume, rx, &tx).await,
