@@ -446,9 +446,6 @@ pub async fn run_master(
             compute_seconds: got.slowest,
         });
     }
-    for o in &to_owner {
-        let _ = o.send(ToOwner::Finish);
-    }
     tracing::info!(
         job = job.key.job,
         epoch = job.key.epoch,
@@ -458,27 +455,37 @@ pub async fn run_master(
         "supersteps done"
     );
 
+    // The owners on this node finish first, and the others only once those have reported their
+    // results: a local owner frees its state (iterates, features) before it reports, so here the
+    // remote results, each as large as an owner's iterate, arrive in its place instead of on top
+    // of it (their receive buffers fill far faster than the network delivers).
     let mut rows: Vec<Option<Segment<f32>>> = (0..count).map(|_| None).collect();
-    let mut missing = count;
-    while missing > 0 {
-        let Some((p, msg)) = rx.recv().await else {
-            return Err(lost("every partition link closed before the results arrived"));
-        };
-        let pi = p as usize;
-        match msg {
-            ToMaster::Result(r) => {
-                let want = (bounds[pi + 1] - bounds[pi]) as usize * width;
-                if r.len() != want {
-                    return Err(MasterError::fatal(format!(
-                        "partition {p} sent {} result values, expected {want}",
-                        r.len()
-                    )));
+    for local in [true, false] {
+        let finishing: Vec<usize> = (0..count).filter(|&p| (job.owners[p] == me) == local).collect();
+        for &p in &finishing {
+            let _ = to_owner[p].send(ToOwner::Finish);
+        }
+        let mut missing = finishing.len();
+        while missing > 0 {
+            let Some((p, msg)) = rx.recv().await else {
+                return Err(lost("every partition link closed before the results arrived"));
+            };
+            let pi = p as usize;
+            match msg {
+                ToMaster::Result(r) if finishing.contains(&pi) => {
+                    let want = (bounds[pi + 1] - bounds[pi]) as usize * width;
+                    if r.len() != want {
+                        return Err(MasterError::fatal(format!(
+                            "partition {p} sent {} result values, expected {want}",
+                            r.len()
+                        )));
+                    }
+                    if rows[pi].replace(r).is_none() {
+                        missing -= 1;
+                    }
                 }
-                if rows[pi].replace(r).is_none() {
-                    missing -= 1;
-                }
+                other => return Err(unexpected(p, other, &job.owners, "waiting for results")),
             }
-            other => return Err(unexpected(p, other, &job.owners, "waiting for results")),
         }
     }
     let parts = rows.into_iter().flatten().collect();

@@ -11,8 +11,9 @@
 //!   as `quiver run --partitions` and sends each owner that lacks its partition one zero-copy
 //!   frame of it. Then it runs the superstep barrier: it waits for every owner's partials of iterate `s`, combines them exactly, decides
 //!   whether to stop exactly as [`run_partitioned`](quiver_compute::kernels::run_partitioned) does,
-//!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner sends its result rows, which the
-//!   master returns as one part per partition, in vertex order (never assembled into a copy). A
+//!   and sends `Go(s + 1)` or `Finish`. After `Finish` each owner frees its state and sends its
+//!   result rows, which the master returns as one part per partition, in vertex order (never
+//!   assembled into a copy); the master's own node's owners finish before the others are told. A
 //!   partition whose owner is the master's own node runs in the same process over channels: no
 //!   stream, no copy of the partition.
 //! - An **owner** ([`owner`]) computes its rows on the pinned [`Workers`] (never on an async

@@ -523,6 +523,10 @@ where
                     .run(numa, move || state.into_result(&*k))
                     .await
                     .map_err(|e| format!("partition {p}: {e}"))?;
+                // Everything else this partition holds for the job (the kernel's features, the
+                // last snapshot's buffer) is freed before the result is reported: the master asks
+                // the remote owners for theirs only then (`run_master`).
+                drop((kernel, part, snapshot_buffer, halos, inbox));
                 let _ = tx.send((p, ToMaster::Result(values)));
                 return Ok(());
             }
