@@ -259,6 +259,91 @@ async fn kept_partitions_serve_the_next_job_on_the_same_graph() {
     .unwrap_or_else(|_| panic!("receive buffers {:?}, resting {resting:?}", buffers()));
 }
 
+/// The job these events belong to, and what they say: (epoch, partition, message).
+type Seen = Arc<std::sync::Mutex<Vec<(u64, u64, String)>>>;
+
+/// Records the job events of one job (the `job` field) from every node of this process.
+struct Record {
+    job: u64,
+    seen: Seen,
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Record {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            job: Option<u64>,
+            epoch: u64,
+            partition: u64,
+            message: String,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                match field.name() {
+                    "job" => self.job = Some(value),
+                    "epoch" => self.epoch = value,
+                    "partition" => self.partition = value,
+                    _ => {}
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.message = format!("{value:?}");
+                }
+            }
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        if f.job == Some(self.job) {
+            self.seen.lock().unwrap().push((f.epoch, f.partition, f.message));
+        }
+    }
+}
+
+/// At a job's end the owners on the master's node free their state and report their results
+/// before any other owner is told to finish, so the remote results (each as large as an owner's
+/// iterate) arrive at the master's node in that memory's place, not on top of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_masters_own_owners_finish_before_the_others_are_told() {
+    use tracing_subscriber::layer::SubscriberExt;
+    const JOB: u64 = 4242;
+    let seen = Seen::default();
+    let subscriber = tracing_subscriber::registry()
+        .with(Record { job: JOB, seen: seen.clone() })
+        .with(tracing_subscriber::filter::LevelFilter::DEBUG);
+    tracing::subscriber::set_global_default(subscriber).expect("no other test of this binary sets a subscriber");
+    let nodes = cluster(3);
+    connected(&nodes).await;
+    let g = Arc::new(generate::kronecker(9, 8, 11).unwrap());
+    let features = generate::features(g.vertices(), 4, 7);
+    let params = appnp4(&features, 6);
+    // Node 1 masters the job and owns partitions 0, 2 and 3 (with the order not kept, a remote
+    // owner was told before all three had reported in three of six runs).
+    let (local, remote) = ([0u64, 2, 3], [1u64, 4]);
+    let got = distributed(&nodes, &g, &params, &[1, 2, 1, 1, 3], JOB).await;
+    assert_eq!(bits(&got), bits(&kernels::run(&g, &params, 1).unwrap().values));
+
+    let seen = seen.lock().unwrap().clone();
+    // The attempt that finished (a lost loopback link would have started another epoch).
+    let epoch = seen.iter().map(|e| e.0).max().expect("the job logged its owners' ends");
+    let at = |partitions: &[u64], message: &str| -> Vec<usize> {
+        let found: Vec<usize> = seen
+            .iter()
+            .enumerate()
+            .filter(|(_, (e, p, m))| *e == epoch && partitions.contains(p) && m.starts_with(message))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(found.len(), partitions.len(), "{message:?} once per partition of {partitions:?}: {seen:#?}");
+        found
+    };
+    let reported = at(&local, "partition's state freed, result reported");
+    let told = at(&remote, "partition's supersteps done");
+    assert!(
+        reported.iter().max() < told.iter().min(),
+        "local owners reported at {reported:?}, remote owners told to finish at {told:?}: {seen:#?}"
+    );
+}
+
 /// Halos cut into many small pieces (a piece is a few rows) arrive in order, land in the right
 /// slots, and the result is still the single-process run's, bit for bit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -527,6 +527,12 @@ where
                 // last snapshot's buffer) is freed before the result is reported: the master asks
                 // the remote owners for theirs only then (`run_master`).
                 drop((kernel, part, snapshot_buffer, halos, inbox));
+                tracing::debug!(
+                    job = key.job,
+                    epoch = key.epoch,
+                    partition = p,
+                    "partition's state freed, result reported"
+                );
                 let _ = tx.send((p, ToMaster::Result(values)));
                 return Ok(());
             }
