@@ -327,9 +327,14 @@ struct ReceiveBuffer {
     socket: Option<std::net::UdpSocket>,
     resting: usize,
     wide: usize,
-    leases: Mutex<usize>,
-    /// Whether widening has fallen short once (said once, not at every job).
-    fell_short: std::sync::atomic::AtomicBool,
+    leases: Mutex<Leases>,
+}
+
+/// The leases alive, and whether widening has fallen short once (said once, not at every job).
+#[derive(Debug, Default)]
+struct Leases {
+    count: usize,
+    fell_short: bool,
 }
 
 /// Keeps the peer socket's receive buffer wide until dropped ([`Transport::widen_receive_buffer`]).
@@ -342,24 +347,22 @@ impl ReceiveBuffer {
     /// kernel grants less).
     fn acquire(self: &Arc<Self>) -> ReceiveBufferLease {
         let mut leases = self.leases.lock().expect("receive buffer leases");
-        if *leases == 0
+        if leases.count == 0
             && self.wide > self.resting
             && let Some(socket) = &self.socket
+            && !size_socket_buffers(socket, self.wide, leases.fell_short)
         {
-            let quiet = self.fell_short.load(std::sync::atomic::Ordering::Relaxed);
-            if !size_socket_buffers(socket, self.wide, quiet) {
-                self.fell_short.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
+            leases.fell_short = true;
         }
-        *leases += 1;
+        leases.count += 1;
         ReceiveBufferLease(self.clone())
     }
 
     /// Ends a lease; the last narrows the socket back to its resting size.
     fn release(&self) {
         let mut leases = self.leases.lock().expect("receive buffer leases");
-        *leases -= 1;
-        if *leases == 0
+        leases.count -= 1;
+        if leases.count == 0
             && self.wide > self.resting
             && let Some(socket) = &self.socket
         {
@@ -394,8 +397,7 @@ impl Transport {
             socket: socket.try_clone().ok(),
             resting: receive_buffer_granted(&socket).unwrap_or(config.socket_buffer),
             wide: config.job_socket_buffer,
-            leases: Mutex::new(0),
-            fell_short: Default::default(),
+            leases: Mutex::default(),
         });
         let runtime = quinn::default_runtime().ok_or(TransportError::NoRuntime)?;
         let endpoint = match &config.faults {
